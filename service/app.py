@@ -1,0 +1,104 @@
+"""The application factory: routes, middleware, and one cleanup context per resource."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from functools import partial
+
+import socketio
+from aiohttp import web
+
+from service.auth import KeyRing, bearer_token
+from service.connections import RedisFactory, open_storage
+from service.dispatch import Dispatcher
+from service.jobs import JobStore
+from service.middleware import auth_middleware, error_middleware
+from service.progress import JobEventManager, ProgressHub, ProgressNamespace, ProgressPublisher
+from service.routes import files, health, images, jobs, models
+from service.settings import GatewayConfig, Settings, load_config
+from service.state import CONFIG, DISPATCHER, HUB, KEYS, REDIS, REDIS_FACTORY, SETTINGS, SIO, STORAGE, STORE
+
+log = logging.getLogger(__name__)
+
+async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
+    redis = app[REDIS_FACTORY]()
+    app[REDIS] = redis
+    yield
+    await redis.aclose()
+
+
+async def storage_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    app[STORAGE] = await open_storage(settings, app[REDIS])
+    app[STORE] = JobStore(app[REDIS], settings.queue_name, settings.job_ttl)
+    yield
+
+
+async def progress_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Socket.IO on the Redis manager; the listener starts now, not at the first Socket.IO connection,
+    because synchronous requests learn of their job's end through it too."""
+    hub = ProgressHub(app[STORE], app[STORAGE])
+    manager = JobEventManager(app[REDIS_FACTORY], write_only=False, hub=hub)
+    sio = socketio.AsyncServer(async_mode="aiohttp", client_manager=manager, cors_allowed_origins="*")
+    keys = app[KEYS]
+
+    async def authenticate(token: str | None) -> str | None:
+        principal = keys.lookup(bearer_token(token) if token else None)
+        return principal.owner if principal else None
+
+    sio.register_namespace(ProgressNamespace(hub, authenticate))
+    sio.attach(app)
+    hub.sio = sio
+    sio.manager_initialized = True
+    manager.initialize()
+    await manager.subscribed()
+    app[HUB] = hub
+    app[SIO] = sio
+    app[DISPATCHER] = Dispatcher(app[SETTINGS], app[CONFIG], app[STORE], hub, ProgressPublisher(manager))
+    yield
+    await manager.close()
+
+
+async def in_process_worker_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Embedded mode runs an arq worker in this process; inline models run their jobs here directly.
+
+    This is the one place the front end reaches into `workers`: by design, those two modes are the worker
+    running inside the front end."""
+    settings, config = app[SETTINGS], app[CONFIG]
+    inline = any(m.dispatch == "inline" for m in config.models.values())
+    if not (settings.embedded or inline):
+        yield
+        return
+    from workers.resources import open_resources
+    from workers.tasks import execute_job
+    from workers.worker import build_worker
+
+    manager = app[SIO].manager
+    async with open_resources(settings, config, app[REDIS], app[STORAGE], manager) as res:
+        app[DISPATCHER].inline = partial(execute_job, res)
+        worker = None
+        if settings.embedded:
+            worker = build_worker(settings, config, app[REDIS_FACTORY](), res, handle_signals=False)
+            worker.main_task = asyncio.create_task(worker.main())
+        yield
+        if worker is not None:
+            await worker.close()
+
+
+def create_app(settings: Settings, config: GatewayConfig | None = None) -> web.Application:
+    config = config or load_config(settings.config)
+    keys = KeyRing(config.keys)
+    app = web.Application(middlewares=[error_middleware, auth_middleware], client_max_size=settings.max_body_bytes)
+    app[SETTINGS] = settings
+    app[CONFIG] = config
+    app[KEYS] = keys
+    app[REDIS_FACTORY] = RedisFactory(settings)
+    app.cleanup_ctx.extend([redis_ctx, storage_ctx, progress_ctx, in_process_worker_ctx])
+    images.setup(app)
+    jobs.setup(app)
+    models.setup(app)
+    files.setup(app)
+    health.setup(app)
+    return app

@@ -1,0 +1,47 @@
+"""Redis connections for both modes, and the shared secrets kept in Redis."""
+
+from __future__ import annotations
+
+import secrets
+
+from arq.connections import ArqRedis
+from fakeredis import FakeServer
+from fakeredis.aioredis import FakeAsyncRedisMixin
+
+from service.constants import SIGNING_SECRET_KEY
+from service.settings import Settings
+from service.storage import LocalStorage, Storage, UrlSigner
+
+
+class EmbeddedRedis(FakeAsyncRedisMixin, ArqRedis):  # type: ignore[misc]
+    """arq's Redis client on an in-memory server: embedded mode runs the same code as Redis mode."""
+
+
+class RedisFactory:
+    """Makes Redis clients for one process: on `IMAGEGW_REDIS_URL`, or on one in-memory server."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.url = settings.redis_url
+        self.server = FakeServer() if self.url is None else None
+
+    def __call__(self) -> ArqRedis:
+        if self.server is not None:
+            return EmbeddedRedis(server=self.server, lua_modules=set())
+        assert self.url is not None
+        redis: ArqRedis = ArqRedis.from_url(self.url, socket_connect_timeout=2, health_check_interval=10)
+        return redis
+
+
+async def signing_secret(settings: Settings, redis: ArqRedis) -> bytes:
+    """The URL-signing secret: from settings, or generated once and shared by every process through Redis."""
+    if settings.signing_secret is not None:
+        return settings.signing_secret.get_secret_value().encode()
+    await redis.set(SIGNING_SECRET_KEY, secrets.token_hex(32), nx=True)
+    value = await redis.get(SIGNING_SECRET_KEY)
+    assert value is not None
+    return bytes(value)
+
+
+async def open_storage(settings: Settings, redis: ArqRedis) -> Storage:
+    signer = UrlSigner(await signing_secret(settings, redis), settings.url_ttl)
+    return LocalStorage(settings.data_dir / "files", signer)

@@ -1,0 +1,274 @@
+"""Job events: publishing them through Redis, and delivering them to Socket.IO subscribers and waiting requests.
+
+Workers publish with python-socketio's Redis manager (write-only) to the room `job:{id}`. A front end does not
+fan those out through rooms: its manager hands each event to the `ProgressHub`, which knows per subscriber what
+it has already sent. That is what makes the guarantees hold even when a late subscriber's snapshot races a live
+event: progress never goes down and exactly one terminal event reaches each subscriber.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import socketio
+from arq.connections import ArqRedis
+
+from service.constants import (
+    EVENT_COMPLETED,
+    EVENT_FAILED,
+    EVENT_PARTIAL_IMAGE,
+    EVENT_PROGRESS,
+    JOB_ROOM,
+    PROGRESS_NAMESPACE,
+    SOCKETIO_CHANNEL,
+    TERMINAL_EVENTS,
+)
+from service.errors import NotFound
+from service.jobs import JobRecord, JobStore
+from service.results import render_result
+from service.storage import Storage
+
+log = logging.getLogger(__name__)
+
+RedisFactory = Callable[[], ArqRedis]
+
+
+class JobEventManager(socketio.AsyncRedisManager):  # type: ignore[misc]
+    """python-socketio's Redis manager on our own Redis connection (so embedded mode's in-memory Redis works),
+    routing job-room events to a `ProgressHub` instead of the room list."""
+
+    def __init__(self, redis_factory: RedisFactory, *, write_only: bool, hub: ProgressHub | None = None) -> None:
+        super().__init__(channel=SOCKETIO_CHANNEL, write_only=write_only, logger=log)
+        self._redis_factory = redis_factory
+        self.hub = hub
+
+    def _redis_connect(self) -> None:
+        self.redis = self._redis_factory()
+        self.pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+        self.connected = True
+
+    async def _handle_emit(self, message: dict[str, Any]) -> None:
+        room = message.get("room")
+        if self.hub is not None and message.get("namespace") == PROGRESS_NAMESPACE and isinstance(room, str):
+            job_id = room.removeprefix(JOB_ROOM.format(""))
+            data = message["data"][0] if isinstance(message.get("data"), list) else message.get("data")
+            await self.hub.deliver(job_id, message["event"], data)
+            return
+        if not self.write_only:
+            await super()._handle_emit(message)
+
+    async def subscribed(self, timeout: float = 5.0) -> None:
+        """Wait until the listener is subscribed, so no event published after start-up is missed."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not (self.pubsub is not None and self.pubsub.subscribed) and loop.time() < deadline:
+            await asyncio.sleep(0.005)
+
+    async def close(self) -> None:
+        if getattr(self, "thread", None) is not None:
+            self.thread.cancel()
+        if self.pubsub is not None:
+            await self.pubsub.aclose()
+        if self.redis is not None:
+            await self.redis.aclose()
+
+
+class ProgressPublisher:
+    """What a running job says about itself; the worker side of the event stream."""
+
+    def __init__(self, manager: socketio.AsyncPubSubManager) -> None:
+        self.manager = manager
+
+    async def _emit(self, event: str, job_id: str, data: dict[str, Any]) -> None:
+        await self.manager.emit(event, {"job_id": job_id, **data}, namespace=PROGRESS_NAMESPACE,
+                                room=JOB_ROOM.format(job_id))
+
+    async def progress(self, job_id: str, progress: int, stage: str) -> None:
+        await self._emit(EVENT_PROGRESS, job_id, {"progress": progress, "status": "running", "stage": stage})
+
+    async def partial_image(self, job_id: str, index: int, image: bytes, fmt: str) -> None:
+        await self._emit(
+            EVENT_PARTIAL_IMAGE,
+            job_id,
+            {"partial_image_index": index, "b64_json": base64.b64encode(image).decode(), "output_format": fmt},
+        )
+
+    async def finished(self, record: JobRecord) -> None:
+        """Announce a terminal state; subscribers' front ends read the result from the record."""
+        event = EVENT_COMPLETED if record.status == "succeeded" else EVENT_FAILED
+        await self._emit(event, record.id, {"status": record.status})
+
+
+@dataclass
+class _Subscriber:
+    last_progress: int = -1
+    done: bool = False
+
+
+class ProgressHub:
+    """Per front end: who listens to which job, and which requests wait for which job to end."""
+
+    def __init__(self, store: JobStore, storage: Storage) -> None:
+        self.store = store
+        self.storage = storage
+        self.sio: socketio.AsyncServer | None = None
+        self.subscribers: dict[str, dict[str, _Subscriber]] = {}
+        self.waiters: dict[str, set[asyncio.Future[None]]] = {}
+
+    # waiting requests
+    def expect(self, job_id: str) -> asyncio.Future[None]:
+        """Register interest before the job is enqueued, so its end cannot slip by unseen."""
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.waiters.setdefault(job_id, set()).add(future)
+        return future
+
+    def forget(self, job_id: str, future: asyncio.Future[None]) -> None:
+        waiting = self.waiters.get(job_id)
+        if waiting is not None:
+            waiting.discard(future)
+            if not waiting:
+                del self.waiters[job_id]
+
+    async def wait(self, job_id: str, future: asyncio.Future[None], timeout: float) -> JobRecord | None:
+        """The terminal record, or None if `timeout` passes first. The pub/sub push is the fast path; a
+        slow re-read of the record covers a message lost while Redis reconnected."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        try:
+            while True:
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    return None
+                try:
+                    await asyncio.wait_for(asyncio.shield(future), min(remaining, 2.0))
+                except TimeoutError:
+                    pass
+                record = await self.store.get(job_id)
+                if record is None or record.terminal:
+                    return record
+        finally:
+            self.forget(job_id, future)
+
+    # subscribers
+    def add(self, sid: str, job_id: str) -> None:
+        self.subscribers.setdefault(job_id, {}).setdefault(sid, _Subscriber())
+
+    def remove(self, sid: str, job_id: str | None = None) -> None:
+        jobs = [job_id] if job_id else list(self.subscribers)
+        for jid in jobs:
+            subs = self.subscribers.get(jid)
+            if subs is not None:
+                subs.pop(sid, None)
+                if not subs:
+                    del self.subscribers[jid]
+
+    @property
+    def subscriber_count(self) -> int:
+        return sum(len(s) for s in self.subscribers.values())
+
+    async def snapshot(self, sid: str, record: JobRecord) -> None:
+        """A new subscriber's first view: the current state, through the same filter as live events."""
+        if record.terminal:
+            await self._terminal(record.id, record, only=sid)
+        else:
+            await self._progress(record.id, {"job_id": record.id, "progress": record.progress,
+                                             "status": record.status, "stage": record.stage}, only=sid)
+
+    async def deliver(self, job_id: str, event: str, data: dict[str, Any]) -> None:
+        if event in TERMINAL_EVENTS:
+            for future in self.waiters.get(job_id, ()):
+                if not future.done():
+                    future.set_result(None)
+            if job_id in self.subscribers:
+                await self._terminal(job_id, None)
+        elif event == EVENT_PROGRESS:
+            await self._progress(job_id, data)
+        else:
+            for sid, sub in list(self.subscribers.get(job_id, {}).items()):
+                if not sub.done:
+                    await self._send(event, data, sid)
+
+    async def _progress(self, job_id: str, data: dict[str, Any], only: str | None = None) -> None:
+        for sid, sub in list(self.subscribers.get(job_id, {}).items()):
+            if (only is None or sid == only) and not sub.done and data["progress"] >= sub.last_progress:
+                sub.last_progress = data["progress"]
+                await self._send(EVENT_PROGRESS, data, sid)
+
+    async def _terminal(self, job_id: str, record: JobRecord | None, only: str | None = None) -> None:
+        targets = [sid for sid, sub in self.subscribers.get(job_id, {}).items()
+                   if (only is None or sid == only) and not sub.done]
+        if not targets:
+            return
+        for sid in targets:
+            self.subscribers[job_id][sid].done = True
+        record = record or await self.store.get(job_id)
+        if record is None:
+            return
+        event, payload = await self.terminal_payload(record)
+        for sid in targets:
+            await self._send(event, payload, sid)
+
+    async def terminal_payload(self, record: JobRecord) -> tuple[str, dict[str, Any]]:
+        if record.status == "succeeded":
+            result = await render_result(record, self.storage)
+            return EVENT_COMPLETED, {"job_id": record.id, "status": record.status, "progress": 100,
+                                     "result": result.model_dump(exclude_none=True) if result else None}
+        error = record.failure.error if record.failure else None
+        return EVENT_FAILED, {"job_id": record.id, "status": record.status, "progress": record.progress,
+                              "error": error}
+
+    async def _send(self, event: str, data: dict[str, Any], sid: str) -> None:
+        if self.sio is not None:
+            await self.sio.emit(event, data, to=sid, namespace=PROGRESS_NAMESPACE, ignore_queue=True)
+
+
+Authenticator = Callable[[str | None], Awaitable[str | None]]
+
+
+class ProgressNamespace(socketio.AsyncNamespace):  # type: ignore[misc]
+    """`/image-progress`: connect with `auth={"api_key": ...}`, then `subscribe` with a job id."""
+
+    def __init__(self, hub: ProgressHub, authenticate: Authenticator) -> None:
+        super().__init__(PROGRESS_NAMESPACE)
+        self.hub = hub
+        self.authenticate = authenticate
+
+    async def on_connect(self, sid: str, environ: dict[str, Any], auth: Any = None) -> None:
+        token = None
+        if isinstance(auth, dict):
+            token = auth.get("api_key") or auth.get("token") or auth.get("authorization")
+        token = token or environ.get("HTTP_AUTHORIZATION")
+        owner = await self.authenticate(token)
+        if owner is None:
+            raise socketio.exceptions.ConnectionRefusedError(
+                {"message": "Invalid or missing API key.", "type": "invalid_request_error",
+                 "param": None, "code": "invalid_api_key"}
+            )
+        await self.save_session(sid, {"owner": owner})
+
+    async def on_subscribe(self, sid: str, data: Any) -> dict[str, Any]:
+        job_id = data.get("job_id") if isinstance(data, dict) else data
+        if not isinstance(job_id, str):
+            return {"error": {"message": "subscribe needs a job_id", "type": "invalid_request_error",
+                              "param": "job_id", "code": "missing_required_parameter"}}
+        owner = (await self.get_session(sid))["owner"]
+        self.hub.add(sid, job_id)  # before reading, so nothing published meanwhile is missed
+        record = await self.hub.store.get(job_id)
+        if record is None or record.owner != owner:
+            self.hub.remove(sid, job_id)
+            return {"error": NotFound(f"No job found with id '{job_id}'.", param="job_id").to_dict()}
+        await self.hub.snapshot(sid, record)
+        return {"job_id": job_id, "status": record.status}
+
+    async def on_unsubscribe(self, sid: str, data: Any) -> None:
+        job_id = data.get("job_id") if isinstance(data, dict) else data
+        if isinstance(job_id, str):
+            self.hub.remove(sid, job_id)
+
+    async def on_disconnect(self, sid: str, *args: Any) -> None:
+        self.hub.remove(sid)

@@ -1,0 +1,173 @@
+"""Request and response models: the API contract the handlers parse with and answer in."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from service.errors import InvalidRequest
+
+Quality = Literal["standard", "hd", "low", "medium", "high", "auto"]
+ResponseFormat = Literal["url", "b64_json"]
+OutputFormat = Literal["png", "jpeg", "webp"]
+Background = Literal["transparent", "opaque", "auto"]
+JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+
+
+class ImageGenerationRequest(BaseModel):
+    """`POST /v1/images/generations`: every parameter of the seed documents, strictly typed like OpenAI."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    prompt: str = Field(min_length=1)
+    model: str | None = None
+    n: int | None = Field(None, ge=1, le=10)
+    quality: Quality | None = None
+    response_format: ResponseFormat | None = None
+    size: str | None = None
+    style: Literal["vivid", "natural"] | None = None
+    user: str | None = None
+    background: Background | None = None
+    output_format: OutputFormat | None = None
+    output_compression: int | None = Field(None, ge=0, le=100)
+    moderation: Literal["low", "auto"] | None = None
+    partial_images: int | None = Field(None, ge=0, le=3)
+    stream: bool | None = None
+    # gateway extensions used by providers that have them (Doubao, ComfyUI)
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    negative_prompt: str | None = None
+
+
+class ImageSpec(BaseModel):
+    """A validated request with every default resolved: what a job carries to the worker and provider."""
+
+    operation: Literal["generate", "edit", "variation"] = "generate"
+    model: str
+    prompt: str
+    n: int = 1
+    size: str
+    quality: str | None = None
+    style: str | None = None
+    user: str | None = None
+    background: str | None = None
+    output_format: OutputFormat = "png"
+    output_compression: int | None = None
+    moderation: str | None = None
+    partial_images: int = 0
+    stream: bool = False
+    seed: int | None = None
+    negative_prompt: str | None = None
+    response_format: ResponseFormat = "b64_json"
+
+    def dimensions(self) -> tuple[int, int] | None:
+        """(width, height) when `size` is WIDTHxHEIGHT, else None (auto, 1K...)."""
+        return parse_dimensions(self.size)
+
+
+def parse_dimensions(size: str) -> tuple[int, int] | None:
+    width, sep, height = size.partition("x")
+    if not sep or not width.isdigit() or not height.isdigit():
+        return None
+    return int(width), int(height)
+
+
+class ImageData(BaseModel):
+    b64_json: str | None = None
+    url: str | None = None
+    revised_prompt: str | None = None
+
+
+class ImagesResponse(BaseModel):
+    """The synchronous answer and a job's `result`, as OpenAI's `ImagesResponse`."""
+
+    created: int
+    data: list[ImageData]
+    background: str | None = None
+    output_format: str | None = None
+    size: str | None = None
+    quality: str | None = None
+    usage: dict[str, Any] | None = None
+
+
+class ErrorBody(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class Job(BaseModel):
+    """`GET /v1/images/jobs/{id}`."""
+
+    id: str
+    object: Literal["image.job"] = "image.job"
+    model: str
+    status: JobStatus
+    progress: int = Field(ge=0, le=100)
+    stage: str | None = None
+    created_at: float
+    started_at: float | None = None
+    finished_at: float | None = None
+    result: ImagesResponse | None = None
+    error: ErrorBody | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str
+    capabilities: dict[str, bool]
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+_TYPE_NAMES = {
+    "int_type": "an integer",
+    "string_type": "a string",
+    "bool_type": "a boolean",
+    "float_type": "a number",
+    "list_type": "an array",
+    "dict_type": "an object",
+    "model_type": "an object",
+}
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def parse_body(model: type[M], raw: bytes) -> M:
+    """Parse a JSON body into `model`; every failure is a 400 that names the parameter, like OpenAI's."""
+    try:
+        data = json.loads(raw) if raw else None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidRequest(f"We could not parse the JSON body of your request: {exc}", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise InvalidRequest("The request body must be a JSON object.", code="invalid_json")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise validation_error(exc) from None
+
+
+def validation_error(exc: ValidationError) -> InvalidRequest:
+    err = exc.errors()[0]
+    param = ".".join(str(p) for p in err["loc"]) or None
+    kind = err["type"]
+    if kind == "missing":
+        return InvalidRequest(f"Missing required parameter: '{param}'.", param=param, code="missing_required_parameter")
+    if kind == "extra_forbidden":
+        return InvalidRequest(f"Unknown parameter: '{param}'.", param=param, code="unknown_parameter")
+    if kind in _TYPE_NAMES:
+        got = type(err["input"]).__name__
+        return InvalidRequest(
+            f"Invalid type for '{param}': expected {_TYPE_NAMES[kind]}, but got {got} instead.",
+            param=param,
+            code="invalid_type",
+        )
+    return InvalidRequest(f"Invalid value for '{param}': {err['msg']}.", param=param, code="invalid_value")

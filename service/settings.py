@@ -1,0 +1,206 @@
+"""Process settings (environment, prefix IMAGEGW_) and the gateway config file (providers, models, keys)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Everything a process needs to start, read from `IMAGEGW_*` variables; built once at the entry point."""
+
+    model_config = SettingsConfigDict(env_prefix="IMAGEGW_", extra="ignore")
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+    redis_url: str | None = Field(None, description="unset = embedded mode: in-memory Redis and in-process worker")
+    config: Path | None = Field(None, description="path of the YAML config file")
+    data_dir: Path = Path(".imagegw")
+    public_url: str | None = Field(None, description="base URL put in signed links; default: the request's host")
+    url_ttl: int = Field(3600, ge=1, description="lifetime of signed file URLs, seconds")
+    signing_secret: SecretStr | None = None
+    sync_timeout: float = Field(300.0, gt=0, description="how long a synchronous request waits before answering 202")
+    max_body_bytes: int = 40 * 1024 * 1024
+    job_ttl: int = Field(24 * 3600, ge=60, description="how long job records and their files are kept, seconds")
+    queue_name: str = "imagegw:queue"
+    worker_concurrency: int = Field(10, ge=1, description="jobs one worker process runs at once")
+    worker_poll_fallback: float = Field(
+        0.5, gt=0, description="seconds between queue scans when no wake-up arrives (missed-notification safety net)"
+    )
+    worker_grace: float = Field(30.0, ge=0, description="seconds a stopping worker lets running jobs finish")
+    progress_interval: float = Field(0.2, ge=0, description="minimum seconds between two progress events of a job")
+    log_level: str = "INFO"
+
+    @property
+    def embedded(self) -> bool:
+        return not self.redis_url
+
+
+class KeyConfig(BaseModel):
+    """A bearer key declared in the config file; the key itself comes from the file or an env variable."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    key: SecretStr | None = None
+    key_env: str | None = None
+    models: list[str] | None = Field(None, description="models this key may use; unset = all")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> KeyConfig:
+        if (self.key is None) == (self.key_env is None):
+            raise ValueError("give exactly one of 'key' or 'key_env'")
+        return self
+
+    def secret(self) -> str | None:
+        if self.key is not None:
+            return self.key.get_secret_value()
+        return os.environ.get(self.key_env or "")
+
+
+class ProviderConfig(BaseModel):
+    """An upstream account: which adapter speaks to it, where, and with which credentials."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: str
+    base_url: str | None = None
+    api_key_env: str | None = None
+    headers: dict[str, str] = {}
+    timeout: float = Field(120.0, gt=0)
+    options: dict[str, Any] = {}
+
+    def api_key(self) -> str | None:
+        return os.environ.get(self.api_key_env) if self.api_key_env else None
+
+
+class DeploymentConfig(BaseModel):
+    """One place a public model can be served: a provider plus the upstream model name and its limits."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    provider: str
+    model: str | None = Field(None, description="upstream model name; default: the public name")
+    weight: float = Field(1.0, gt=0)
+    max_concurrency: int | None = Field(None, ge=1)
+    timeout: float | None = Field(None, gt=0)
+    options: dict[str, Any] = {}
+
+
+class ModelConfig(BaseModel):
+    """A public model name: its validation rules (family), where it runs, and how it is dispatched."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    family: str = "generic"
+    deployments: list[DeploymentConfig] = Field(min_length=1)
+    dispatch: Literal["queue", "inline"] = "queue"
+    timeout: float = Field(600.0, gt=0, description="budget for the whole job, retries and fallbacks included")
+    description: str | None = None
+
+
+class GatewayConfig(BaseModel):
+    """The config file: providers, public models and static keys."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    default_model: str | None = None
+    providers: dict[str, ProviderConfig] = {}
+    models: dict[str, ModelConfig] = {}
+    keys: list[KeyConfig] = []
+
+    @model_validator(mode="after")
+    def _references(self) -> GatewayConfig:
+        for name, model in self.models.items():
+            for i, deployment in enumerate(model.deployments):
+                if deployment.provider not in self.providers:
+                    raise ValueError(
+                        f"models.{name}.deployments.{i}.provider: unknown provider {deployment.provider!r}"
+                    )
+        if self.default_model is not None and self.default_model not in self.models:
+            raise ValueError(f"default_model: {self.default_model!r} is not in models")
+        return self
+
+
+class ConfigError(Exception):
+    """The config file is unusable; the message names the file, line and key at fault."""
+
+
+LOCAL_MODELS = {
+    "imagegw-local": "generic",
+    "dall-e-2": "dall-e-2",
+    "dall-e-3": "dall-e-3",
+    "gpt-image-1": "gpt-image",
+    "gpt-image-1-mini": "gpt-image",
+    "gpt-image-1.5": "gpt-image",
+}
+
+
+def builtin_config() -> GatewayConfig:
+    """The config used without a file: the offline renderer under its own name and the OpenAI model names."""
+    return GatewayConfig(
+        default_model="imagegw-local",
+        providers={"local": ProviderConfig(type="local")},
+        models={
+            name: ModelConfig(
+                family=family,
+                deployments=[DeploymentConfig(provider="local")],
+                description="built-in offline renderer",
+            )
+            for name, family in LOCAL_MODELS.items()
+        },
+    )
+
+
+def load_config(path: Path | None) -> GatewayConfig:
+    if path is None:
+        return builtin_config()
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config file: {exc.strerror}") from None
+    try:
+        tree = yaml.compose(text)
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: invalid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    try:
+        return GatewayConfig.model_validate(data)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            loc = tuple(err["loc"])
+            msg = err["msg"]
+            if not loc and msg.startswith("Value error, "):
+                # cross-reference errors carry their key path at the start of the message
+                key, _, msg = msg.removeprefix("Value error, ").partition(": ")
+                loc = tuple(int(p) if p.isdigit() else p for p in key.split("."))
+            where = ".".join(str(p) for p in loc) or "(top level)"
+            line = _line_of(tree, loc)
+            lines.append(f"{path}:{line}: {where}: {msg}" if line else f"{path}: {where}: {msg}")
+        raise ConfigError("\n".join(lines)) from None
+
+
+def _line_of(node: yaml.Node | None, loc: tuple[str | int, ...]) -> int | None:
+    """The 1-based line of the deepest YAML node on the key path `loc`."""
+    line = None
+    for part in loc:
+        if isinstance(node, yaml.MappingNode):
+            match = next(((k, v) for k, v in node.value if k.value == part), None)
+            if match is None:
+                break
+            line = match[0].start_mark.line + 1
+            node = match[1]
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+            node = node.value[part]
+            line = node.start_mark.line + 1
+        else:
+            break
+    return line

@@ -1,0 +1,96 @@
+"""Where finished images live: a small storage interface, the local-directory back end and signed URLs."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Protocol
+from urllib.parse import urlencode
+
+# job id (hex) / index . extension: the only names storage ever holds, so no path can escape the root
+NAME_PATTERN = re.compile(r"^[0-9a-f]{32}/[0-9]{1,3}\.(png|jpeg|webp)$")
+CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+
+
+def image_name(job_id: str, index: int, fmt: str) -> str:
+    return f"{job_id}/{index}.{fmt}"
+
+
+def content_type(name: str) -> str:
+    return CONTENT_TYPES[name.rsplit(".", 1)[-1]]
+
+
+class Storage(Protocol):
+    """Image storage: names are `image_name(...)` values; writing the same name twice is harmless."""
+
+    async def put(self, name: str, data: bytes) -> None: ...
+
+    async def get(self, name: str) -> bytes | None: ...
+
+    async def delete_job(self, job_id: str) -> None: ...
+
+    async def public_url(self, name: str, base_url: str) -> str: ...
+
+
+class UrlSigner:
+    """HMAC-signed, expiring links to `/v1/files/{name}`."""
+
+    def __init__(self, secret: bytes, ttl: int) -> None:
+        self.secret = secret
+        self.ttl = ttl
+
+    def _signature(self, name: str, expires: int) -> str:
+        return hmac.new(self.secret, f"{name}\n{expires}".encode(), hashlib.sha256).hexdigest()
+
+    def sign(self, name: str, base_url: str) -> str:
+        expires = int(time.time()) + self.ttl
+        query = urlencode({"expires": expires, "signature": self._signature(name, expires)})
+        return f"{base_url}/v1/files/{name}?{query}"
+
+    def verify(self, name: str, expires: str, signature: str) -> bool:
+        """True for an unexpired link whose signature matches; constant-time comparison."""
+        if not expires.isdigit() or int(expires) < time.time():
+            return False
+        return hmac.compare_digest(self._signature(name, int(expires)), signature)
+
+
+class LocalStorage:
+    """Images as files under one directory, served back by the gateway through signed URLs."""
+
+    def __init__(self, root: Path, signer: UrlSigner) -> None:
+        self.root = root
+        self.signer = signer
+        root.mkdir(parents=True, exist_ok=True)
+
+    def _path(self, name: str) -> Path:
+        if not NAME_PATTERN.match(name):
+            raise ValueError(f"invalid storage name {name!r}")
+        return self.root / name
+
+    async def put(self, name: str, data: bytes) -> None:
+        await asyncio.to_thread(self._write, self._path(name), data)
+
+    @staticmethod
+    def _write(path: Path, data: bytes) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_bytes(data)
+        tmp.replace(path)  # readers never see half a file
+
+    async def get(self, name: str) -> bytes | None:
+        path = self._path(name)
+        try:
+            return await asyncio.to_thread(path.read_bytes)
+        except FileNotFoundError:
+            return None
+
+    async def delete_job(self, job_id: str) -> None:
+        await asyncio.to_thread(shutil.rmtree, self.root / job_id, True)
+
+    async def public_url(self, name: str, base_url: str) -> str:
+        return self.signer.sign(name, base_url)

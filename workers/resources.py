@@ -1,0 +1,63 @@
+"""What every job shares within one process, opened once at start-up and closed at shutdown."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import socketio
+from arq.connections import ArqRedis
+
+from service.jobs import JobStore
+from service.progress import ProgressPublisher
+from service.settings import GatewayConfig, Settings
+from service.storage import Storage
+from workers.router import Router
+
+RESOURCES_KEY = "imagegw"
+
+
+@dataclass
+class WorkerResources:
+    settings: Settings
+    config: GatewayConfig
+    store: JobStore
+    storage: Storage
+    publisher: ProgressPublisher
+    router: Router
+    http: aiohttp.ClientSession
+
+
+def resources(ctx: dict[str, Any]) -> WorkerResources:
+    """The one typed accessor for what `on_startup` put in arq's context."""
+    res: WorkerResources = ctx[RESOURCES_KEY]
+    return res
+
+
+@asynccontextmanager
+async def open_resources(
+    settings: Settings,
+    config: GatewayConfig,
+    redis: ArqRedis,
+    storage: Storage,
+    manager: socketio.AsyncPubSubManager,
+) -> AsyncIterator[WorkerResources]:
+    """The shared HTTP session (connection limits, no per-job sessions) and the router built on it."""
+    connector = aiohttp.TCPConnector(limit=200, limit_per_host=50, ttl_dns_cache=300)
+    async with aiohttp.ClientSession(connector=connector, trust_env=False) as http:
+        router = Router(config, http)
+        try:
+            yield WorkerResources(
+                settings=settings,
+                config=config,
+                store=JobStore(redis, settings.queue_name, settings.job_ttl),
+                storage=storage,
+                publisher=ProgressPublisher(manager),
+                router=router,
+                http=http,
+            )
+        finally:
+            await router.close()

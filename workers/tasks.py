@@ -1,0 +1,144 @@
+"""The job function: load the job, run it through the router, store the images, announce the end."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from service.errors import GatewayError, InternalError, UpstreamTimeout
+from service.jobs import JobFailure, JobRecord, StoredImage, StoredResult
+from service.storage import image_name
+from workers.imaging import convert
+from workers.resources import WorkerResources, resources
+from workers.router import RoutedResult
+
+log = logging.getLogger(__name__)
+
+# arq re-runs a job whose worker died; past this many starts the job is failed instead of tried again
+MAX_ATTEMPTS = 3
+
+
+class JobProgress:
+    """The `ProgressReporter` a provider gets: monotonic percent, at most one event per interval, the
+    latest state always flushed, and the job record kept current for late subscribers."""
+
+    def __init__(self, res: WorkerResources, job_id: str) -> None:
+        self.res = res
+        self.job_id = job_id
+        self.interval = res.settings.progress_interval
+        self.percent = 0
+        self.stage = "starting"
+        self.sent = (-1, "")
+        self.last_sent_at = 0.0
+        self.partials = 0
+        self._flush: asyncio.Task[None] | None = None
+
+    async def update(self, fraction: float, stage: str) -> None:
+        # 100 belongs to the terminal event; keep the bar at 99 until the images are stored
+        self.percent = max(self.percent, min(99, int(fraction * 100)))
+        self.stage = stage
+        wait = self.last_sent_at + self.interval - time.monotonic()
+        if wait <= 0:
+            await self._send()
+        elif self._flush is None:
+            self._flush = asyncio.create_task(self._send_later(wait))
+
+    async def _send_later(self, delay: float) -> None:
+        await asyncio.sleep(delay)
+        self._flush = None
+        await self._send()
+
+    async def _send(self) -> None:
+        state = (self.percent, self.stage)
+        if state == self.sent:
+            return
+        self.sent = state
+        self.last_sent_at = time.monotonic()
+        await self.res.store.set_progress(self.job_id, self.percent, self.stage)
+        await self.res.publisher.progress(self.job_id, self.percent, self.stage)
+
+    async def partial_image(self, image: bytes, fmt: str) -> None:
+        await self.res.publisher.partial_image(self.job_id, self.partials, image, fmt)
+        self.partials += 1
+
+    def close(self) -> None:
+        if self._flush is not None:
+            self._flush.cancel()
+
+
+async def run_image_job(ctx: dict[str, Any], job_id: str) -> None:
+    """arq entry point. Payload is only our job id: the record in Redis is the source of truth, so a re-run
+    after a worker crash starts from the record again and finishing twice is impossible."""
+    res = resources(ctx)
+    if ctx.get("job_try", 1) > MAX_ATTEMPTS:
+        record = await res.store.get(job_id)
+        if record is not None and not record.terminal:
+            await finish_failed(res, record, InternalError(
+                f"The job was abandoned {MAX_ATTEMPTS} times by crashing workers.", code="worker_lost"))
+        return
+    await execute_job(res, job_id)
+
+
+async def execute_job(res: WorkerResources, job_id: str) -> None:
+    record = await res.store.start(job_id)
+    if record is None:
+        return  # cancelled before it started, or finished by an earlier attempt
+    progress = JobProgress(res, job_id)
+    timeout = res.config.models[record.model].timeout if record.model in res.config.models else None
+    try:
+        await progress.update(0.0, "starting")
+        async with asyncio.timeout(timeout):
+            routed = await res.router.generate(record.spec, progress)
+        result = await store_images(res, record, routed)
+    except GatewayError as exc:
+        await asyncio.shield(finish_failed(res, record, exc))
+        return
+    except TimeoutError:
+        await asyncio.shield(finish_failed(res, record, UpstreamTimeout(
+            f"The job did not finish within the model's timeout of {timeout:g} s.")))
+        return
+    except Exception:  # a bug in a provider must still end the job; CancelledError is not caught here
+        log.exception("job %s failed unexpectedly", job_id)
+        await asyncio.shield(finish_failed(res, record, InternalError("The image back end failed unexpectedly.")))
+        return
+    finally:
+        progress.close()
+    await asyncio.shield(finish_succeeded(res, record, result))
+
+
+async def store_images(res: WorkerResources, record: JobRecord, routed: RoutedResult) -> StoredResult:
+    spec = record.spec
+    images = []
+    for index, image in enumerate(routed.result.images):
+        data = image.data
+        if image.format != spec.output_format:
+            data = await asyncio.to_thread(convert, data, spec.output_format, spec.output_compression)
+        name = image_name(record.id, index, spec.output_format)
+        await res.storage.put(name, data)
+        images.append(StoredImage(name=name, revised_prompt=image.revised_prompt))
+    return StoredResult(
+        created=int(time.time()),
+        images=images,
+        size=routed.result.size,
+        quality=routed.result.quality,
+        background=routed.result.background,
+        output_format=spec.output_format,
+        usage=routed.result.usage,
+        provider=routed.deployment.provider,
+    )
+
+
+async def finish_succeeded(res: WorkerResources, record: JobRecord, result: StoredResult) -> None:
+    done = await res.store.succeed(record.id, result)
+    if done is None:
+        await res.storage.delete_job(record.id)  # cancelled while running: its images are not wanted
+        return
+    await res.publisher.finished(done)
+
+
+async def finish_failed(res: WorkerResources, record: JobRecord, error: GatewayError) -> None:
+    done = await res.store.fail(record.id, JobFailure(status=error.status, error=error.to_dict()))
+    if done is not None:
+        await res.publisher.finished(done)

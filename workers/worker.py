@@ -1,0 +1,121 @@
+"""The arq worker: start-up and shutdown of shared resources, and a queue loop woken by a push, not a timer."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from arq import Worker
+from arq.connections import ArqRedis
+from arq.worker import func
+
+from service.connections import RedisFactory, open_storage
+from service.constants import JOB_FUNCTION, WAKE_CHANNEL
+from service.jobs import json_deserializer, json_serializer
+from service.progress import JobEventManager
+from service.settings import GatewayConfig, Settings, load_config
+from workers.resources import RESOURCES_KEY, WorkerResources, open_resources
+from workers.tasks import MAX_ATTEMPTS, run_image_job
+
+log = logging.getLogger(__name__)
+
+class ImageWorker(Worker):  # type: ignore[misc]
+    """arq's worker with its sleep between queue scans replaced by a wait on a Redis wake-up channel.
+
+    Stock arq scans the queue every `poll_delay` (0.5 s by default): a job waits for the next scan. Here the
+    front end publishes on `WAKE_CHANNEL` in the same transaction that enqueues, and a finishing job wakes
+    the loop too, so an idle worker starts a job within a Redis round trip. The timer stays as a slow
+    safety net for a wake-up lost while Redis reconnected.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.wake = asyncio.Event()
+
+    async def main(self) -> None:
+        self.ctx["redis"] = self.pool
+        if self.on_startup:
+            await self.on_startup(self.ctx)
+        listener = asyncio.create_task(self._listen_for_wakeups())
+        try:
+            while True:
+                self.wake.clear()
+                await self._poll_iteration()
+                try:
+                    await asyncio.wait_for(self.wake.wait(), self.poll_delay_s)
+                except TimeoutError:
+                    pass
+        finally:
+            listener.cancel()
+
+    def _release_sem_dec_counter_on_complete(self) -> None:
+        super()._release_sem_dec_counter_on_complete()
+        self.wake.set()  # a slot is free: look at the queue now
+
+    async def _listen_for_wakeups(self) -> None:
+        delay = 0.1
+        while True:
+            try:
+                async with self.pool.pubsub(ignore_subscribe_messages=True) as pubsub:
+                    await pubsub.subscribe(WAKE_CHANNEL)
+                    self.wake.set()  # anything enqueued while we were not listening
+                    delay = 0.1
+                    async for _ in pubsub.listen():
+                        self.wake.set()
+            except Exception as exc:  # any Redis failure: reconnect; cancellation still propagates
+                log.warning("wake-up channel lost (%s); retrying in %.1f s", exc, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+
+def build_worker(
+    settings: Settings, config: GatewayConfig, redis: ArqRedis, res: WorkerResources, *, handle_signals: bool
+) -> ImageWorker:
+    job_timeout = max((m.timeout for m in config.models.values()), default=600.0) + 60
+    return ImageWorker(
+        functions=[func(run_image_job, name=JOB_FUNCTION, max_tries=MAX_ATTEMPTS + 1)],
+        queue_name=settings.queue_name,
+        redis_pool=redis,
+        ctx={RESOURCES_KEY: res},
+        max_jobs=settings.worker_concurrency,
+        job_timeout=job_timeout,
+        keep_result=0,
+        poll_delay=settings.worker_poll_fallback,
+        health_check_interval=5,
+        allow_abort_jobs=True,
+        handle_signals=handle_signals,
+        job_completion_wait=int(settings.worker_grace) if handle_signals else 0,
+        job_serializer=json_serializer,
+        job_deserializer=json_deserializer,
+        log_results=False,
+    )
+
+
+@asynccontextmanager
+async def running_worker(
+    settings: Settings, config: GatewayConfig, factory: RedisFactory, *, handle_signals: bool
+) -> AsyncIterator[ImageWorker]:
+    """A worker with its own connections and resources, running until the block exits."""
+    redis = factory()
+    storage = await open_storage(settings, redis)
+    manager = JobEventManager(factory, write_only=True)
+    async with open_resources(settings, config, redis, storage, manager) as res:
+        worker = build_worker(settings, config, redis, res, handle_signals=handle_signals)
+        worker.main_task = asyncio.create_task(worker.main())
+        try:
+            yield worker
+        finally:
+            worker.main_task.cancel()
+            await worker.close()
+            await manager.close()
+
+
+async def serve_worker(settings: Settings) -> None:
+    """`imagegw worker`: run until SIGTERM/SIGINT, letting running jobs finish within the grace period."""
+    config = load_config(settings.config)
+    async with running_worker(settings, config, RedisFactory(settings), handle_signals=True) as worker:
+        log.info("worker started on queue %s", settings.queue_name)
+        await asyncio.wait([worker.main_task])  # ends when a signal stops the loop
