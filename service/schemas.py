@@ -60,6 +60,10 @@ class ImageSpec(BaseModel):
     seed: int | None = None
     negative_prompt: str | None = None
     response_format: ResponseFormat = "b64_json"
+    # edits and variations: storage names of the uploaded inputs, loaded by the job before the provider runs
+    input_images: list[str] = []
+    mask: str | None = None
+    input_fidelity: str | None = None
 
     def dimensions(self) -> tuple[int, int] | None:
         """(width, height) when `size` is WIDTHxHEIGHT, else None (auto, 1K...)."""
@@ -138,6 +142,9 @@ _TYPE_NAMES = {
 }
 
 
+_JSON_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "a boolean", list: "an array",
+               dict: "an object", type(None): "null"}
+
 M = TypeVar("M", bound=BaseModel)
 
 
@@ -164,7 +171,7 @@ def validation_error(exc: ValidationError) -> InvalidRequest:
     if kind == "extra_forbidden":
         return InvalidRequest(f"Unknown parameter: '{param}'.", param=param, code="unknown_parameter")
     if kind in _TYPE_NAMES:
-        got = type(err["input"]).__name__
+        got = _JSON_NAMES.get(type(err["input"]), "a value")
         return InvalidRequest(
             f"Invalid type for '{param}': expected {_TYPE_NAMES[kind]}, but got {got} instead.",
             param=param,

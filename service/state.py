@@ -25,7 +25,7 @@ HUB = web.AppKey("hub", ProgressHub)
 SIO = web.AppKey("sio", socketio.AsyncServer)
 DISPATCHER = web.AppKey("dispatcher", Dispatcher)
 
-PRINCIPAL = "imagegw.principal"  # request-scoped: set by the auth middleware
+PRINCIPAL = web.RequestKey("principal", Principal)  # set by the auth middleware
 
 
 def principal(request: web.Request) -> Principal:

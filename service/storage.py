@@ -12,13 +12,23 @@ from pathlib import Path
 from typing import Protocol
 from urllib.parse import urlencode
 
-# job id (hex) / index . extension: the only names storage ever holds, so no path can escape the root
-NAME_PATTERN = re.compile(r"^[0-9a-f]{32}/[0-9]{1,3}\.(png|jpeg|webp)$")
+# job id (hex) / (index | input-index | mask) . extension: the only names storage ever holds, so no path can
+# escape the root; only result images (index names) are served to clients
+NAME_PATTERN = re.compile(r"^[0-9a-f]{32}/(?:[0-9]{1,3}|input-[0-9]{1,2}|mask)\.(png|jpeg|webp)$")
+RESULT_PATTERN = re.compile(r"^[0-9a-f]{32}/[0-9]{1,3}\.(png|jpeg|webp)$")
 CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 
 
 def image_name(job_id: str, index: int, fmt: str) -> str:
     return f"{job_id}/{index}.{fmt}"
+
+
+def input_name(job_id: str, index: int, fmt: str) -> str:
+    return f"{job_id}/input-{index}.{fmt}"
+
+
+def mask_name(job_id: str, fmt: str) -> str:
+    return f"{job_id}/mask.{fmt}"
 
 
 def content_type(name: str) -> str:

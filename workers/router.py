@@ -13,7 +13,7 @@ from service.models import PROVIDER_CAPABILITIES
 from service.schemas import ImageSpec
 from service.settings import GatewayConfig
 from workers.providers import PROVIDER_TYPES
-from workers.providers.base import Deployment, ProgressReporter, Provider, ProviderResult
+from workers.providers.base import Deployment, ImageRequest, ProgressReporter, Provider, ProviderResult
 
 OPERATION_CAPABILITY = {"generate": "generation", "edit": "edit", "variation": "variation"}
 
@@ -69,11 +69,11 @@ class Router:
         pool = [d for d in pool if self.in_flight[d.name] / d.weight == least]
         return random.choices(pool, weights=[d.weight for d in pool])[0]
 
-    async def generate(self, spec: ImageSpec, progress: ProgressReporter) -> RoutedResult:
-        deployment = self.pick(self.candidates(spec))
+    async def generate(self, request: ImageRequest, progress: ProgressReporter) -> RoutedResult:
+        deployment = self.pick(self.candidates(request.spec))
         self.in_flight[deployment.name] += 1
         try:
-            result = await self.providers[deployment.provider].generate(spec, deployment, progress)
+            result = await self.providers[deployment.provider].generate(request, deployment, progress)
         finally:
             self.in_flight[deployment.name] -= 1
         return RoutedResult(result, deployment)

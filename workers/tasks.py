@@ -11,6 +11,7 @@ from service.errors import GatewayError, InternalError, UpstreamTimeout
 from service.jobs import JobFailure, JobRecord, StoredImage, StoredResult
 from service.storage import image_name
 from workers.imaging import convert
+from workers.providers.base import ImageRequest, InputImage
 from workers.resources import WorkerResources, resources
 from workers.router import RoutedResult
 
@@ -89,8 +90,9 @@ async def execute_job(res: WorkerResources, job_id: str) -> None:
     timeout = res.config.models[record.model].timeout if record.model in res.config.models else None
     try:
         await progress.update(0.0, "starting")
+        request = await load_request(res, record)
         async with asyncio.timeout(timeout):
-            routed = await res.router.generate(record.spec, progress)
+            routed = await res.router.generate(request, progress)
         result = await store_images(res, record, routed)
     except GatewayError as exc:
         await asyncio.shield(finish_failed(res, record, exc))
@@ -106,6 +108,21 @@ async def execute_job(res: WorkerResources, job_id: str) -> None:
     finally:
         progress.close()
     await asyncio.shield(finish_succeeded(res, record, result))
+
+
+async def load_request(res: WorkerResources, record: JobRecord) -> ImageRequest:
+    """The spec plus the bytes of its input images, read back from storage where the front end put them."""
+    spec = record.spec
+    names = [*spec.input_images, *([spec.mask] if spec.mask else [])]
+    loaded = []
+    for name in names:
+        data = await res.storage.get(name)
+        if data is None:
+            raise InternalError(f"The input image {name} of job {record.id} is no longer stored.",
+                                code="input_expired")
+        loaded.append(InputImage(data=data, format=name.rsplit(".", 1)[-1]))
+    mask = loaded.pop() if spec.mask else None
+    return ImageRequest(spec=spec, images=loaded, mask=mask)
 
 
 async def store_images(res: WorkerResources, record: JobRecord, routed: RoutedResult) -> StoredResult:

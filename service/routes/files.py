@@ -5,13 +5,13 @@ from __future__ import annotations
 from aiohttp import web
 
 from service.errors import NotFound, PermissionDenied
-from service.storage import NAME_PATTERN, LocalStorage, content_type
+from service.storage import RESULT_PATTERN, LocalStorage, content_type
 from service.state import DISPATCHER, KEYS, STORAGE
 
 
 async def get_file(request: web.Request) -> web.Response:
     name = f"{request.match_info['job_id']}/{request.match_info['file']}"
-    if not NAME_PATTERN.match(name):
+    if not RESULT_PATTERN.match(name):
         raise NotFound("No such file.", code="file_not_found")
     storage = request.app[STORAGE]
     expires, signature = request.query.get("expires"), request.query.get("signature")

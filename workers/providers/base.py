@@ -28,6 +28,27 @@ class ProgressReporter(Protocol):
 
 
 @dataclass
+class InputImage:
+    """An uploaded image (or mask) for an edit or variation, already checked to be a real PNG/JPEG/WEBP."""
+
+    data: bytes
+    format: str  # png | jpeg | webp
+
+    @property
+    def content_type(self) -> str:
+        return f"image/{self.format}"
+
+
+@dataclass
+class ImageRequest:
+    """What a provider is asked to do: the validated spec plus, for edits and variations, the input bytes."""
+
+    spec: ImageSpec
+    images: list[InputImage] = field(default_factory=list)
+    mask: InputImage | None = None
+
+
+@dataclass
 class GeneratedImage:
     data: bytes
     format: str  # png | jpeg | webp, as sniffed from the bytes
@@ -85,8 +106,8 @@ class Provider(ABC):
     """An image back end.
 
     One instance per provider account in the config, created at worker start-up with the worker's shared
-    HTTP session. `generate` receives a validated `ImageSpec` (operation generate, edit or variation), the
-    deployment to use and a progress reporter, and returns the images plus usage. It raises the gateway's
+    HTTP session. `generate` receives an `ImageRequest` (the validated `ImageSpec`, whose `operation` is
+    generate, edit or variation, plus the input images of an edit), the deployment to use and a progress reporter, and returns the images plus usage. It raises the gateway's
     errors: `UpstreamRejected` for a request the upstream refused (never retried), `UpstreamError` /
     `UpstreamTimeout` for failures worth retrying elsewhere (set `retry_after` when the upstream said so).
     What each provider type can do (edit, variation, streaming, progress) is data in
@@ -111,7 +132,8 @@ class Provider(ABC):
         self.options(deployment)
 
     @abstractmethod
-    async def generate(self, spec: ImageSpec, deployment: Deployment, progress: ProgressReporter) -> ProviderResult:
+    async def generate(self, request: ImageRequest, deployment: Deployment, progress: ProgressReporter
+                       ) -> ProviderResult:
         ...
 
     async def close(self) -> None:

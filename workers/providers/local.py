@@ -14,6 +14,7 @@ from workers.imaging import encode
 from workers.providers.base import (
     Deployment,
     GeneratedImage,
+    ImageRequest,
     ProgressReporter,
     Provider,
     ProviderOptions,
@@ -75,7 +76,9 @@ class LocalRenderer(Provider):
     type = "local"
     Options = LocalOptions
 
-    async def generate(self, spec: ImageSpec, deployment: Deployment, progress: ProgressReporter) -> ProviderResult:
+    async def generate(self, request: ImageRequest, deployment: Deployment, progress: ProgressReporter
+                       ) -> ProviderResult:
+        spec = request.spec
         options = self.options(deployment)
         assert isinstance(options, LocalOptions)
         painters = [Painter(spec, i) for i in range(spec.n)]
