@@ -22,7 +22,7 @@ import redis as redis_sync
 from aiohttp import web
 
 from service.app import create_app
-from service.settings import GatewayConfig, Settings
+from service.settings import LOCAL_MODELS, GatewayConfig, Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 SEEDS = ROOT.parent / "shared" / "seeds"
@@ -93,9 +93,8 @@ def local_config(**model_options: Any) -> GatewayConfig:
     return GatewayConfig.model_validate({
         "default_model": "imagegw-local",
         "providers": {"local": {"type": "local", "options": model_options}},
-        "models": {"imagegw-local": {"deployments": [{"provider": "local"}]},
-                   "dall-e-3": {"family": "dall-e-3", "deployments": [{"provider": "local"}]},
-                   "gpt-image-1": {"family": "gpt-image", "deployments": [{"provider": "local"}]}},
+        "models": {name: {"family": family, "deployments": [{"provider": "local"}]}
+                   for name, family in LOCAL_MODELS.items()},
     })
 
 

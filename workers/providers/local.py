@@ -67,7 +67,7 @@ class Painter:
         if fraction >= 1:
             font = ImageFont.load_default(size=max(10, min(w, h) // 24))
             draw.text((w * 0.04, h * 0.9), self.prompt[:60], fill=(255, 255, 255, 255), font=font)
-        return image
+        return image if self.transparent else image.convert("RGB")
 
 
 class LocalRenderer(Provider):
