@@ -107,7 +107,6 @@ class ProgressPublisher:
 @dataclass
 class _Subscriber:
     last_progress: int = -1
-    done: bool = False
 
 
 class ProgressHub:
@@ -189,23 +188,23 @@ class ProgressHub:
         elif event == EVENT_PROGRESS:
             await self._progress(job_id, data)
         else:
-            for sid, sub in list(self.subscribers.get(job_id, {}).items()):
-                if not sub.done:
-                    await self._send(event, data, sid)
+            for sid in list(self.subscribers.get(job_id, {})):
+                await self._send(event, data, sid)
 
     async def _progress(self, job_id: str, data: dict[str, Any], only: str | None = None) -> None:
         for sid, sub in list(self.subscribers.get(job_id, {}).items()):
-            if (only is None or sid == only) and not sub.done and data["progress"] >= sub.last_progress:
+            if (only is None or sid == only) and data["progress"] >= sub.last_progress:
                 sub.last_progress = data["progress"]
                 await self._send(EVENT_PROGRESS, data, sid)
 
     async def _terminal(self, job_id: str, record: JobRecord | None, only: str | None = None) -> None:
-        targets = [sid for sid, sub in self.subscribers.get(job_id, {}).items()
-                   if (only is None or sid == only) and not sub.done]
+        targets = [sid for sid in self.subscribers.get(job_id, {}) if only is None or sid == only]
         if not targets:
             return
         for sid in targets:
-            self.subscribers[job_id][sid].done = True
+            # nothing follows a terminal event: dropping the subscription before any await makes it the
+            # only one this subscriber gets, and lets a later subscribe start afresh
+            self.remove(sid, job_id)
         record = record or await self.store.get(job_id)
         if record is None:
             return
