@@ -87,6 +87,8 @@ class UpstreamError(GatewayError):
     status = 502
     type = "upstream_error"
     default_code = "upstream_error"
+    # seconds the upstream asked us to wait (Retry-After): the router calls that deployment no sooner
+    retry_after: float | None = None
 
 
 class UpstreamTimeout(UpstreamError):

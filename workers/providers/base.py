@@ -72,7 +72,7 @@ class Deployment:
     provider: str
     upstream_model: str
     base_url: str | None
-    api_key: str | None
+    api_key: str | None = field(repr=False)  # never in a log line or traceback
     headers: dict[str, str]
     timeout: float
     weight: float
