@@ -92,6 +92,18 @@ class DeploymentConfig(BaseModel):
     options: dict[str, Any] = {}
 
 
+class RetryConfig(BaseModel):
+    """How the router retries a model's failed upstream calls; the model's `timeout` bounds them all."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    attempts: int = Field(3, ge=1, description="upstream calls per request, fallbacks to other deployments included")
+    backoff: float = Field(0.5, ge=0, description="seconds before calling a failed deployment again in the same "
+                                                  "request; doubled after each failure, with jitter")
+    max_backoff: float = Field(8.0, ge=0)
+    cooldown: float = Field(30.0, ge=0, description="seconds a failed deployment is skipped while another can serve")
+
+
 class ModelConfig(BaseModel):
     """A public model name: its validation rules (family), where it runs, and how it is dispatched."""
 
@@ -101,6 +113,7 @@ class ModelConfig(BaseModel):
     deployments: list[DeploymentConfig] = Field(min_length=1)
     dispatch: Literal["queue", "inline"] = "queue"
     timeout: float = Field(600.0, gt=0, description="budget for the whole job, retries and fallbacks included")
+    retry: RetryConfig = RetryConfig()
     description: str | None = None
 
 
