@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, IPvAnyNetwork, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -35,6 +35,15 @@ class Settings(BaseSettings):
     worker_grace: float = Field(30.0, ge=0, description="seconds a stopping worker lets running jobs finish")
     progress_interval: float = Field(0.2, ge=0, description="minimum seconds between two progress events of a job")
     log_level: str = "INFO"
+    # input images of edits and variations (uploads, base64 and fetched URLs alike)
+    max_input_image_bytes: int = Field(25 * 1024 * 1024, ge=1, description="largest accepted input image, bytes")
+    max_input_pixels: int = Field(40_000_000, ge=1, description="largest declared width x height of an input image")
+    max_input_images: int = Field(16, ge=1, description="most input images one edit may carry")
+    fetch_timeout: float = Field(20.0, gt=0, description="seconds to download one image URL, redirects included")
+    fetch_max_redirects: int = Field(5, ge=0)
+    fetch_allowed_networks: list[IPvAnyNetwork] = Field(
+        [], description="CIDRs image URLs may reach although they are loopback/private/link-local (tests, intranets)"
+    )
 
     @property
     def embedded(self) -> bool:
@@ -129,7 +138,16 @@ class GatewayConfig(BaseModel):
 
     @model_validator(mode="after")
     def _references(self) -> GatewayConfig:
+        from service.models import FAMILIES, PROVIDER_CAPABILITIES
+
+        for name, provider in self.providers.items():
+            if provider.type not in PROVIDER_CAPABILITIES:
+                raise ValueError(f"providers.{name}.type: unknown provider type {provider.type!r}; "
+                                 f"known: {', '.join(sorted(PROVIDER_CAPABILITIES))}")
         for name, model in self.models.items():
+            if model.family not in FAMILIES:
+                raise ValueError(f"models.{name}.family: unknown model family {model.family!r}; "
+                                 f"known: {', '.join(sorted(FAMILIES))}")
             for i, deployment in enumerate(model.deployments):
                 if deployment.provider not in self.providers:
                     raise ValueError(
