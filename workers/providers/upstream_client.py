@@ -1,0 +1,126 @@
+"""Outbound JSON calls to an upstream API: the deployment's timeout, a cap on the answer's size, transport
+failures and HTTP statuses turned into the gateway's errors, and credentials kept out of every message."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
+from typing import Any, Literal
+
+import aiohttp
+from multidict import CIMultiDictProxy
+
+from service.errors import GatewayError, UpstreamError, UpstreamRejected, UpstreamTimeout
+from workers.providers.base import Deployment
+
+# JSON answers carry base64 images: several 4K pictures fit well below this
+MAX_ANSWER_BYTES = 128 * 1024 * 1024
+MAX_DETAIL_CHARS = 500
+
+FailureKind = Literal["rejected", "auth", "rate_limited", "timeout", "failed"]
+
+# What an HTTP status means when the provider's own error code says nothing more specific
+KIND_BY_STATUS: dict[int, FailureKind] = {401: "auth", 403: "auth", 408: "timeout", 429: "rate_limited",
+                                          504: "timeout"}
+
+
+def kind_for_status(status: int) -> FailureKind:
+    return KIND_BY_STATUS.get(status, "rejected" if 400 <= status < 500 else "failed")
+
+
+def retry_after(headers: CIMultiDictProxy[str]) -> float | None:
+    """Seconds from a `Retry-After` header, in either of its forms (delta-seconds or an HTTP date)."""
+    value = headers.get("Retry-After")
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
+    except (TypeError, ValueError):
+        return None
+
+
+@dataclass
+class JsonAnswer:
+    status: int
+    headers: CIMultiDictProxy[str]
+    body: Any  # the parsed JSON, None when the answer was not JSON
+    text: str
+
+
+class UpstreamClient:
+    """One request's view of one deployment: posts JSON and names the upstream in every error it raises."""
+
+    def __init__(self, http: aiohttp.ClientSession, provider_type: str, deployment: Deployment) -> None:
+        self.http = http
+        self.deployment = deployment
+        self.who = f"Upstream '{deployment.provider}' ({provider_type}, model '{deployment.upstream_model}')"
+
+    def redact(self, text: str) -> str:
+        """`text` shortened, with the credential blanked out should the upstream echo it."""
+        key = self.deployment.api_key
+        if key:
+            text = text.replace(key, "[redacted]")
+        return text if len(text) <= MAX_DETAIL_CHARS else text[:MAX_DETAIL_CHARS] + "..."
+
+    def failure(self, kind: FailureKind, detail: str, *, status: int | None = None, wait: float | None = None,
+                code: str | None = None, param: str | None = None) -> GatewayError:
+        """The gateway error for a failed call; `detail` is the upstream's own words."""
+        detail = self.redact(detail)
+        http = f"HTTP {status}: " if status is not None else ""
+        error: GatewayError
+        if kind == "rejected":
+            error = UpstreamRejected(f"{self.who} rejected the request: {http}{detail}", code=code, param=param)
+        elif kind == "auth":
+            error = UpstreamError(f"{self.who} refused the gateway's credentials: {http}{detail}",
+                                  code=code or "upstream_auth_failed")
+        elif kind == "rate_limited":
+            error = UpstreamError(f"{self.who} is rate limiting the gateway: {http}{detail}",
+                                  code=code or "upstream_rate_limited")
+        elif kind == "timeout":
+            error = UpstreamTimeout(f"{self.who} timed out: {http}{detail}", code=code)
+        else:
+            error = UpstreamError(f"{self.who} failed: {http}{detail}", code=code)
+        if wait is not None and isinstance(error, UpstreamError):
+            error.retry_after = wait  # the router waits at least this long before calling it again
+        return error
+
+    async def post_json(self, url: str, payload: dict[str, Any], headers: dict[str, str]) -> JsonAnswer:
+        timeout = aiohttp.ClientTimeout(total=self.deployment.timeout)
+        try:
+            async with self.http.post(url, json=payload, headers=headers, timeout=timeout) as resp:
+                raw = await self._read(resp)
+                status, answer_headers = resp.status, resp.headers
+        except TimeoutError:
+            raise self.failure("timeout", f"no answer within {self.deployment.timeout:g} s") from None
+        except aiohttp.ClientError as exc:
+            raise self.failure("failed", f"could not be reached ({type(exc).__name__}: {exc})",
+                               code="upstream_unreachable") from None
+        text = raw.decode("utf-8", "replace")
+        try:
+            body = json.loads(text)
+        except ValueError:
+            body = None
+        if body is None and status < 400:
+            raise self.failure("failed", f"the answer is not JSON: {text[:200]!r}", status=status,
+                               code="bad_upstream_answer")
+        return JsonAnswer(status=status, headers=answer_headers, body=body, text=text)
+
+    async def _read(self, resp: aiohttp.ClientResponse) -> bytes:
+        """The whole body, refused as soon as it grows past the cap instead of after buffering it all."""
+        if (resp.content_length or 0) > MAX_ANSWER_BYTES:
+            raise self.failure("failed", f"the answer is larger than {MAX_ANSWER_BYTES} bytes", status=resp.status,
+                               code="upstream_answer_too_large")
+        chunks, size = [], 0
+        async for chunk in resp.content.iter_chunked(1 << 16):
+            size += len(chunk)
+            if size > MAX_ANSWER_BYTES:
+                raise self.failure("failed", f"the answer is larger than {MAX_ANSWER_BYTES} bytes",
+                                   status=resp.status, code="upstream_answer_too_large")
+            chunks.append(chunk)
+        return b"".join(chunks)
