@@ -7,7 +7,9 @@ import logging
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from service.errors import GatewayError, InternalError, error_for_status
+from redis.exceptions import RedisError
+
+from service.errors import GatewayError, InternalError, ServiceUnavailable, error_for_status
 from service.state import KEYS, PRINCIPAL
 
 log = logging.getLogger(__name__)
@@ -28,6 +30,11 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return await handler(request)
     except GatewayError as exc:
         return error_response(exc)
+    except (RedisError, OSError) as exc:
+        # Redis unreachable: fail fast with a retryable status instead of hanging or a bare 500
+        log.warning("storage unavailable on %s %s: %s", request.method, request.path, exc)
+        return error_response(ServiceUnavailable("The gateway's job store is unavailable; retry shortly.",
+                                                 headers={"Retry-After": "1"}))
     except web.HTTPException as exc:
         if exc.status < 400:
             raise

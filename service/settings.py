@@ -32,9 +32,21 @@ class Settings(BaseSettings):
     worker_poll_fallback: float = Field(
         0.5, gt=0, description="seconds between queue scans when no wake-up arrives (missed-notification safety net)"
     )
+    job_lease: float = Field(15.0, ge=1, description="seconds after which a dead worker's job is run again")
     worker_grace: float = Field(30.0, ge=0, description="seconds a stopping worker lets running jobs finish")
     progress_interval: float = Field(0.2, ge=0, description="minimum seconds between two progress events of a job")
     log_level: str = "INFO"
+    log_format: Literal["json", "text"] = Field("json", description="json: one object per line, for log shippers")
+    # multi-tenancy: the admin API, admission control, usage and completion webhooks
+    admin_token: SecretStr | None = Field(None, description="Bearer token of the /admin API; also turns dev mode off")
+    max_queue_depth: int | None = Field(None, ge=1, description="waiting jobs beyond which new work gets 503")
+    usage_retention: int = Field(400 * 24 * 3600, ge=3600, description="how long usage records are kept, seconds")
+    webhook_secret: SecretStr | None = Field(
+        None, description="signs the webhooks of config-file keys (keys created through the admin API have their own)"
+    )
+    webhook_timeout: float = Field(10.0, gt=0, description="seconds one webhook delivery attempt may take")
+    webhook_retry_for: float = Field(3600.0, ge=0, description="how long a failing webhook is retried, seconds")
+    webhook_backoff: float = Field(2.0, gt=0, description="seconds before the first webhook retry, doubled up to 5 min")
     # input images of edits and variations (uploads, base64 and fetched URLs alike)
     max_input_image_bytes: int = Field(25 * 1024 * 1024, ge=1, description="largest accepted input image, bytes")
     max_input_pixels: int = Field(40_000_000, ge=1, description="largest declared width x height of an input image")
@@ -50,6 +62,22 @@ class Settings(BaseSettings):
         return not self.redis_url
 
 
+Capability = Literal["generate", "edit", "stream", "admin"]
+DEFAULT_CAPABILITIES: tuple[Capability, ...] = ("generate", "edit", "stream")
+
+
+class KeyLimits(BaseModel):
+    """Per-key admission limits; unset = unlimited. Jobs count as concurrent from submission to their end and
+    as queued until a worker starts them."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    requests_per_minute: int | None = Field(None, ge=1, description="accepted image requests in any 60 s")
+    images_per_minute: int | None = Field(None, ge=1, description="images requested (n) in any 60 s")
+    concurrent_jobs: int | None = Field(None, ge=1, description="unfinished jobs (queued or running)")
+    queued_jobs: int | None = Field(None, ge=1, description="jobs waiting for a worker")
+
+
 class KeyConfig(BaseModel):
     """A bearer key declared in the config file; the key itself comes from the file or an env variable."""
 
@@ -59,6 +87,10 @@ class KeyConfig(BaseModel):
     key: SecretStr | None = None
     key_env: str | None = None
     models: list[str] | None = Field(None, description="models this key may use; unset = all")
+    capabilities: list[Capability] = list(DEFAULT_CAPABILITIES)
+    limits: KeyLimits = KeyLimits()
+    image_budget: int | None = Field(None, ge=0, description="images this key may create in all; unset = no cap")
+    webhook_url: str | None = Field(None, description="default completion webhook of this key's jobs")
 
     @model_validator(mode="after")
     def _one_source(self) -> KeyConfig:
@@ -126,6 +158,28 @@ class ModelConfig(BaseModel):
     description: str | None = None
 
 
+class TokenPrices(BaseModel):
+    """USD per million tokens, for each kind of token upstreams bill at its own rate."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    text_input: float = Field(0.0, ge=0)
+    image_input: float = Field(0.0, ge=0)
+    image_output: float = Field(0.0, ge=0)
+    text_output: float = Field(0.0, ge=0)
+
+
+class ModelPrice(BaseModel):
+    """How a model's upstream bills: per token when the upstream reports token usage, else per image."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    per_million_tokens: TokenPrices | None = None
+    per_image: dict[str, dict[str, float]] = Field(
+        {}, description='size -> quality -> USD per image; "*" matches any size or quality'
+    )
+
+
 class GatewayConfig(BaseModel):
     """The config file: providers, public models and static keys."""
 
@@ -135,6 +189,7 @@ class GatewayConfig(BaseModel):
     providers: dict[str, ProviderConfig] = {}
     models: dict[str, ModelConfig] = {}
     keys: list[KeyConfig] = []
+    pricing: dict[str, ModelPrice] = Field({}, description="estimated cost by public model name")
 
     @model_validator(mode="after")
     def _references(self) -> GatewayConfig:
@@ -155,6 +210,9 @@ class GatewayConfig(BaseModel):
                     )
         if self.default_model is not None and self.default_model not in self.models:
             raise ValueError(f"default_model: {self.default_model!r} is not in models")
+        for name in self.pricing:
+            if name not in self.models:
+                raise ValueError(f"pricing.{name}: {name!r} is not in models")
         return self
 
 

@@ -10,7 +10,9 @@ from typing import Any
 
 from arq import Worker
 from arq.connections import ArqRedis
+from arq.constants import in_progress_key_prefix
 from arq.worker import func
+from redis.exceptions import RedisError
 
 from service.connections import RedisFactory, open_storage
 from service.constants import JOB_FUNCTION, WAKE_CHANNEL
@@ -31,25 +33,54 @@ class ImageWorker(Worker):  # type: ignore[misc]
     safety net for a wake-up lost while Redis reconnected.
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, lease: float, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.wake = asyncio.Event()
+        # arq marks a started job with an "in progress" key that lives for the whole job timeout (hours for
+        # long workflows), so a job of a killed worker would wait that long to be re-run. Here the key is a
+        # short lease the worker keeps renewing: a dead worker's jobs are picked up again within `lease`.
+        self.lease = lease
+        self.in_progress_timeout_s = lease
 
     async def main(self) -> None:
         self.ctx["redis"] = self.pool
         if self.on_startup:
             await self.on_startup(self.ctx)
-        listener = asyncio.create_task(self._listen_for_wakeups())
+        background = [asyncio.create_task(self._listen_for_wakeups()), asyncio.create_task(self._renew_leases())]
+        delay = 0.1
         try:
             while True:
                 self.wake.clear()
-                await self._poll_iteration()
+                try:
+                    await self._poll_iteration()
+                    delay = 0.1
+                except (RedisError, OSError) as exc:
+                    # Redis is away: keep running jobs going and try again, rather than dying
+                    log.warning("queue scan failed (%s); retrying in %.1f s", exc, delay)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 2.0)
+                    continue
                 try:
                     await asyncio.wait_for(self.wake.wait(), self.poll_delay_s)
                 except TimeoutError:
                     pass
         finally:
-            listener.cancel()
+            for task in background:
+                task.cancel()
+
+    async def _renew_leases(self) -> None:
+        while True:
+            await asyncio.sleep(self.lease / 3)
+            running = [job_id for job_id, task in self.tasks.items() if not task.done()]
+            if not running:
+                continue
+            try:
+                async with self.pool.pipeline(transaction=False) as pipe:
+                    for job_id in running:
+                        pipe.pexpire(in_progress_key_prefix + job_id, int(self.lease * 1000))
+                    await pipe.execute()
+            except (RedisError, OSError) as exc:
+                log.warning("could not renew job leases: %s", exc)
 
     def _release_sem_dec_counter_on_complete(self) -> None:
         super()._release_sem_dec_counter_on_complete()
@@ -91,6 +122,7 @@ def build_worker(
         job_serializer=json_serializer,
         job_deserializer=json_deserializer,
         log_results=False,
+        lease=settings.job_lease,
     )
 
 
