@@ -31,7 +31,14 @@ def kind_for_status(status: int) -> FailureKind:
 
 
 def retry_after(headers: CIMultiDictProxy[str]) -> float | None:
-    """Seconds from a `Retry-After` header, in either of its forms (delta-seconds or an HTTP date)."""
+    """Seconds from a `Retry-After` header, in either of its forms (delta-seconds or an HTTP date), or from
+    OpenAI's finer `retry-after-ms`."""
+    millis = headers.get("retry-after-ms")
+    if millis:
+        try:
+            return max(0.0, float(millis) / 1000)
+        except ValueError:
+            pass
     value = headers.get("Retry-After")
     if not value:
         return None
@@ -91,9 +98,16 @@ class UpstreamClient:
         return error
 
     async def post_json(self, url: str, payload: dict[str, Any], headers: dict[str, str]) -> JsonAnswer:
+        return await self._post(url, headers, json=payload)
+
+    async def post_form(self, url: str, form: aiohttp.FormData, headers: dict[str, str]) -> JsonAnswer:
+        """A multipart body (image edits with their files), answered in JSON like `post_json`."""
+        return await self._post(url, headers, data=form)
+
+    async def _post(self, url: str, headers: dict[str, str], **body: Any) -> JsonAnswer:
         timeout = aiohttp.ClientTimeout(total=self.deployment.timeout)
         try:
-            async with self.http.post(url, json=payload, headers=headers, timeout=timeout) as resp:
+            async with self.http.post(url, headers=headers, timeout=timeout, **body) as resp:
                 raw = await self._read(resp)
                 status, answer_headers = resp.status, resp.headers
         except TimeoutError:
