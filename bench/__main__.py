@@ -1,0 +1,122 @@
+"""`python -m bench [--quick] [--only GROUP,...]`: start everything on loopback, run the scenarios, print the
+table and write `bench/results.json`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from redis.asyncio import Redis
+
+from bench import scenarios
+from bench.report import Target, table, write_results
+from bench.scenarios import QUEUE, Bench, Sizes
+from bench.servers import Stack
+from service.settings import Settings
+from workers.providers import PROVIDER_TYPES
+
+GROUPS = ("embedded", "latency", "queue", "rate", "throughput", "large", "slow", "progress")
+RESULTS = Path(__file__).resolve().parent / "results.json"
+
+
+async def run(bench: Bench, groups: set[str]) -> None:
+    stack = bench.stack
+    await stack.start_upstream()
+    slots = Settings.model_fields["worker_concurrency"].default
+
+    if "embedded" in groups:
+        print("embedded mode", flush=True)
+        gateway = await stack.start_gateway("embedded", redis=False)
+        await scenarios.latency(bench, gateway, "bench-inline", "sync generate, inline, embedded mode, c=1", 1, 3)
+        await scenarios.latency(bench, gateway, "bench-queued", "sync generate, queued, embedded mode, c=1", 2, 5)
+        await stack.stop(gateway)
+
+    redis_groups = groups & {"latency", "queue", "rate", "throughput", "large", "slow"}
+    if redis_groups:
+        print("Redis mode", flush=True)
+        redis = Redis.from_url(stack.redis_url)
+        front = await stack.start_gateway("front", redis=True, queue=QUEUE)
+        if "queue" in groups:  # first, while the queue is empty and no worker runs
+            await scenarios.drain(bench, front, redis, "worker-1")
+        else:
+            await stack.start_worker("worker-1", queue=QUEUE)
+        if "latency" in groups:
+            await scenarios.latency(bench, front, "bench-inline", "sync generate, inline, Redis mode, c=1", 1, 3)
+            await scenarios.latency(bench, front, "bench-queued", "sync generate, queued, Redis mode, 1 worker, c=1",
+                                    2, 5)
+        if "queue" in groups:
+            await scenarios.pickup(bench, front, redis)
+        if "rate" in groups:
+            await scenarios.fixed_rate(bench, front, "bench-inline", "300 req/s, inline, Redis mode")
+            await scenarios.fixed_rate(bench, front, "bench-queued", "300 req/s, queued, Redis mode, 1 worker")
+        if "throughput" in groups:
+            await scenarios.throughput(bench, front, "bench-inline", "sync generate, inline, Redis mode, c=64",
+                                       Target.at_least(1000, "req/s") & Target.ratio_at_least(0.3))
+            await scenarios.throughput(bench, front, "bench-queued", "sync generate, queued, 1 worker, c=64", None)
+        if "large" in groups:
+            await scenarios.large(bench, front)
+        if groups & {"slow", "throughput"}:
+            await stack.start_worker("worker-2", queue=QUEUE)
+        if "slow" in groups:
+            await scenarios.slow_jobs(bench, front, redis, 2 * slots)
+        if "throughput" in groups:
+            await scenarios.throughput(bench, front, "bench-queued", "sync generate, queued, 2 workers, c=64", None)
+        await redis.aclose()
+        for service in [s for s in stack.services if s.name.startswith(("front", "worker"))]:
+            await stack.stop(service)
+
+    if "progress" in groups:
+        print("progress", flush=True)
+        # a front end whose queue no worker serves: its jobs stay queued, so only the bench's events reach them
+        front = await stack.start_gateway("progress", redis=True, queue="bench:parked")
+        plain = await stack.start_plain_ws()
+        await scenarios.progress(bench, front, plain)
+
+
+async def main(quick: bool, groups: set[str], output: Path, provider: str) -> int:
+    if provider not in PROVIDER_TYPES:
+        print(f"provider type {provider!r} is not registered (known: {', '.join(sorted(PROVIDER_TYPES))})",
+              file=sys.stderr)
+        return 2
+    workdir = Path(tempfile.mkdtemp(prefix="imagegw-bench-"))
+    stack = Stack(workdir, provider)
+    started = time.monotonic()
+    mode = "quick" if quick else "full"
+    try:
+        await stack.start_redis()
+        bench = Bench(stack, await stack.start_load(), Sizes.for_mode(quick))
+        try:
+            await run(bench, groups)
+        finally:
+            print()
+            print(table(bench.rows))
+            for note in bench.notes:
+                print("note:", note)
+            print(f"\n{mode} run, {time.monotonic() - started:.0f} s; results in {output}")
+            write_results(output, bench.rows, mode, bench.notes)
+    finally:
+        await stack.close()
+    shutil.rmtree(workdir, ignore_errors=True)
+    return 0
+
+
+def cli() -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="fewer samples per scenario (under five minutes)")
+    parser.add_argument("--only", help=f"comma-separated groups: {', '.join(GROUPS)}")
+    parser.add_argument("--output", type=Path, default=RESULTS, help=f"default {RESULTS}")
+    parser.add_argument("--provider", default="openai", help="provider type serving the bench models")
+    args = parser.parse_args()
+    groups = set(args.only.split(",")) if args.only else set(GROUPS)
+    if unknown := groups - set(GROUPS):
+        parser.error(f"unknown groups: {', '.join(sorted(unknown))}")
+    return asyncio.run(main(args.quick, groups, args.output, args.provider))
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -1,0 +1,218 @@
+"""The load generator: a separate process, driven by JSON commands on stdin, one JSON answer per line on stdout.
+
+It holds what a load test needs between commands (open Socket.IO and WebSocket subscribers) and does the
+timing itself, so the process running the gateway never measures its own work. HTTP goes through a
+minimal keep-alive HTTP/1.1 client on asyncio streams: much cheaper per request than a full client, so on a
+small machine the generator takes as little CPU as possible from the servers it measures.
+
+Commands (`op`): `closed` (fixed concurrency), `open` (fixed rate, latency from the scheduled send time),
+`subscribe` / `publish` / `unsubscribe` (progress subscribers), `quit`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+from bench.subscribers import SubscriberPool
+
+
+@dataclass(frozen=True)
+class Target:
+    """One request, encoded once, and what a correct answer looks like."""
+
+    host: str
+    port: int
+    raw: bytes
+    status: int = 200
+    contains: bytes = b""  # must appear in the first KiB of the body
+    min_length: int = 0
+
+    @classmethod
+    def from_command(cls, spec: dict[str, Any]) -> Target:
+        url = urlsplit(spec["url"])
+        assert url.hostname and url.port
+        body = json.dumps(spec["body"]).encode()
+        headers = {"Host": f"{url.hostname}:{url.port}", "Content-Type": "application/json",
+                   "Content-Length": str(len(body)), **spec.get("headers", {})}
+        head = f"POST {url.path} HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n"
+        return cls(url.hostname, url.port, head.encode() + body, spec.get("status", 200),
+                   spec.get("contains", "").encode(), spec.get("min_length", 0))
+
+    def check(self, status: int, body: bytes) -> str | None:
+        if status != self.status:
+            return f"status {status}: {body[:200]!r}"
+        if self.contains not in body[:1024] or len(body) < self.min_length:
+            return f"unexpected body ({len(body)} bytes): {body[:200]!r}"
+        return None
+
+
+class Connection:
+    """One keep-alive HTTP/1.1 connection; reconnects when the server closed it."""
+
+    def __init__(self, target: Target) -> None:
+        self.target = target
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def open(self) -> None:
+        self.reader, self.writer = await asyncio.open_connection(self.target.host, self.target.port,
+                                                                 limit=1 << 20)
+
+    async def request(self) -> tuple[int, bytes]:
+        if self.writer is None or self.writer.is_closing():
+            await self.open()
+        assert self.reader is not None and self.writer is not None
+        self.writer.write(self.target.raw)
+        head = await self.reader.readuntil(b"\r\n\r\n")
+        status = int(head[9:12])
+        length, chunked, close = 0, False, False
+        for line in head.split(b"\r\n")[1:]:
+            name, _, value = line.partition(b":")
+            name = name.strip().lower()
+            if name == b"content-length":
+                length = int(value)
+            elif name == b"transfer-encoding":
+                chunked = b"chunked" in value.lower()
+            elif name == b"connection":
+                close = b"close" in value.lower()
+        body = await self._chunked() if chunked else await self.reader.readexactly(length)
+        if close:
+            self.close()
+        return status, body
+
+    async def _chunked(self) -> bytes:
+        assert self.reader is not None
+        parts = []
+        while True:
+            size = int((await self.reader.readuntil(b"\r\n")).split(b";")[0], 16)
+            parts.append(await self.reader.readexactly(size + 2))
+            if size == 0:
+                return b"".join(p[:-2] for p in parts)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+
+@dataclass
+class Outcome:
+    latencies: list[float] = field(default_factory=list)  # seconds
+    errors: list[str] = field(default_factory=list)
+    bodies: list[bytes] = field(default_factory=list)  # kept only when asked for (job ids of async submits)
+    elapsed: float = 0.0
+
+    def record(self, target: Target, status: int, body: bytes, latency: float, keep: bool) -> None:
+        problem = target.check(status, body)
+        if problem is None:
+            self.latencies.append(latency)
+            if keep:
+                self.bodies.append(body)
+        else:
+            self.errors.append(problem)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"latencies": self.latencies, "errors": len(self.errors), "first_errors": self.errors[:3],
+                "elapsed": self.elapsed, "bodies": [b.decode() for b in self.bodies]}
+
+
+async def closed_loop(target: Target, concurrency: int, count: int, keep: bool = False, pause: float = 0.0
+                      ) -> Outcome:
+    """`count` requests from `concurrency` clients, each sending its next request when the last one ended
+    (`pause` seconds later: lets the server go idle between requests)."""
+    outcome = Outcome()
+    remaining = count
+
+    async def client() -> None:
+        nonlocal remaining
+        conn = Connection(target)
+        try:
+            while remaining > 0:
+                remaining -= 1
+                if pause:
+                    await asyncio.sleep(pause)
+                started = time.perf_counter()
+                try:
+                    status, body = await conn.request()
+                except (OSError, asyncio.IncompleteReadError) as exc:
+                    conn.close()
+                    outcome.errors.append(repr(exc))
+                    continue
+                outcome.record(target, status, body, time.perf_counter() - started, keep)
+        finally:
+            conn.close()
+
+    started = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(concurrency)))
+    outcome.elapsed = time.perf_counter() - started
+    return outcome
+
+
+async def open_loop(target: Target, rate: float, duration: float, connections: int) -> Outcome:
+    """Requests sent at a fixed rate whatever the answers do; latency counts from the scheduled send time,
+    so a stalled server is charged for the requests it delayed (no coordinated omission)."""
+    outcome = Outcome()
+    idle = [Connection(target) for _ in range(connections)]
+    for conn in idle:
+        await conn.open()
+    loop = asyncio.get_running_loop()
+    start = loop.time() + 0.05
+    total = int(rate * duration)
+
+    async def one(i: int) -> None:
+        scheduled = start + i / rate
+        await asyncio.sleep(scheduled - loop.time())
+        conn = idle.pop() if idle else Connection(target)
+        try:
+            status, body = await conn.request()
+        except (OSError, asyncio.IncompleteReadError) as exc:
+            conn.close()
+            outcome.errors.append(repr(exc))
+            return
+        outcome.record(target, status, body, loop.time() - scheduled, False)
+        idle.append(conn)
+
+    await asyncio.gather(*(one(i) for i in range(total)))
+    outcome.elapsed = loop.time() - start
+    for conn in idle:
+        conn.close()
+    return outcome
+
+
+async def serve() -> None:
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    pools = {"sio": SubscriberPool(), "plain": SubscriberPool()}
+    try:
+        while line := await reader.readline():
+            command = json.loads(line)
+            op = command.pop("op")
+            if op == "quit":
+                break
+            result: dict[str, Any]
+            if op == "closed":
+                outcome = await closed_loop(Target.from_command(command["target"]), command["concurrency"],
+                                            command["count"], command.get("keep", False), command.get("pause", 0.0))
+                result = outcome.to_json()
+            elif op == "open":
+                outcome = await open_loop(Target.from_command(command["target"]), command["rate"],
+                                          command["duration"], command.get("connections", 32))
+                result = outcome.to_json()
+            else:
+                result = await pools[command["kind"]].command(op, command)
+            sys.stdout.write(json.dumps(result) + "\n")
+            sys.stdout.flush()
+    finally:
+        for pool in pools.values():
+            await pool.close()
+
+
+if __name__ == "__main__":
+    asyncio.run(serve())

@@ -1,0 +1,218 @@
+"""Everything a run starts on loopback, each in its own process: Redis, the fake upstream, the baseline
+WebSocket server, gateways in embedded and Redis mode, workers. All of it is stopped when the run ends."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import socket
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import yaml
+from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+from service.constants import WAKE_CHANNEL
+
+ROOT = Path(__file__).resolve().parents[1]
+UPSTREAM_KEY_ENV = "BENCH_UPSTREAM_KEY"
+
+# public model -> (dispatch, upstream mount): all served by the real OpenAI adapter against the fake upstream
+MODELS = {
+    "bench-inline": ("inline", "/v1"),
+    "bench-queued": ("queue", "/v1"),
+    "bench-slow": ("queue", "/slow/v1"),
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def gateway_config(upstream_url: str, provider_type: str) -> dict[str, object]:
+    mounts = sorted({mount for _, mount in MODELS.values()})
+    providers = {f"upstream{mount.replace('/', '-')}": {"type": provider_type, "base_url": upstream_url + mount,
+                                                        "api_key_env": UPSTREAM_KEY_ENV} for mount in mounts}
+    models = {name: {"family": "generic", "dispatch": dispatch,
+                     "deployments": [{"provider": f"upstream{mount.replace('/', '-')}", "model": "gpt-image-1"}]}
+              for name, (dispatch, mount) in MODELS.items()}
+    return {"default_model": "bench-inline", "providers": providers, "models": models}
+
+
+@dataclass
+class Service:
+    name: str
+    process: asyncio.subprocess.Process
+    url: str = ""
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+
+class Stack:
+    """The processes of one run, started on demand and all stopped by `close`."""
+
+    def __init__(self, workdir: Path, provider_type: str) -> None:
+        self.workdir = workdir
+        self.provider_type = provider_type
+        self.services: list[Service] = []
+        self.redis_url = ""
+        self.upstream_url = ""
+        self.config_path = workdir / "config.yaml"
+
+    async def _spawn(self, name: str, *args: str, env: dict[str, str] | None = None, stdin: bool = False
+                     ) -> Service:
+        log = open(self.workdir / f"{name}.log", "ab")  # noqa: SIM115 - the child holds it until it ends
+        process = await asyncio.create_subprocess_exec(
+            *args, cwd=ROOT, env=env or self._env(), stdout=asyncio.subprocess.PIPE, stderr=log,
+            stdin=asyncio.subprocess.PIPE if stdin else asyncio.subprocess.DEVNULL, limit=1 << 28)
+        log.close()
+        service = Service(name, process)
+        self.services.append(service)
+        return service
+
+    def _env(self, **extra: str) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("IMAGEGW_")}
+        env.update({UPSTREAM_KEY_ENV: "sk-bench-upstream", "PYTHONUNBUFFERED": "1"}, **extra)
+        return env
+
+    async def _ready_line(self, service: Service, timeout: float = 60) -> None:
+        assert service.process.stdout is not None
+        line = await asyncio.wait_for(service.process.stdout.readline(), timeout)
+        if not line.startswith(b"ready"):
+            raise RuntimeError(f"{service.name} did not start; see {self.workdir / service.name}.log")
+
+    async def start_redis(self) -> str:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise SystemExit("redis-server is not installed (apt-get install -y redis-server)")
+        port = free_port()
+        await self._spawn("redis", binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                          "--appendonly", "no", "--dir", str(self.workdir), "--loglevel", "warning")
+        self.redis_url = f"redis://127.0.0.1:{port}/0"
+        redis = Redis.from_url(self.redis_url)
+        try:
+            for _ in range(250):
+                try:
+                    await redis.ping()
+                    return self.redis_url
+                except RedisConnectionError:
+                    await asyncio.sleep(0.02)
+        finally:
+            await redis.aclose()
+        raise RuntimeError("redis-server did not start")
+
+    async def start_upstream(self) -> str:
+        port = free_port()
+        service = await self._spawn("upstream", sys.executable, "-m", "bench.upstream", str(port))
+        await self._ready_line(service)
+        self.upstream_url = service.url = f"http://127.0.0.1:{port}"
+        self.config_path.write_text(yaml.safe_dump(gateway_config(self.upstream_url, self.provider_type)))
+        return self.upstream_url
+
+    async def start_load(self) -> LoadProcess:
+        return LoadProcess(await self._spawn("load", sys.executable, "-m", "bench.load", stdin=True))
+
+    async def start_plain_ws(self) -> Service:
+        port = free_port()
+        service = await self._spawn("plain_ws", sys.executable, "-m", "bench.plain_ws", str(port), self.redis_url)
+        await self._ready_line(service)
+        service.url = f"http://127.0.0.1:{port}"
+        return service
+
+    def _gateway_env(self, name: str, redis: bool, queue: str) -> dict[str, str]:
+        extra = {"IMAGEGW_CONFIG": str(self.config_path), "IMAGEGW_DATA_DIR": str(self.workdir / "data"),
+                 "IMAGEGW_SIGNING_SECRET": "bench-secret", "IMAGEGW_LOG_LEVEL": "WARNING",
+                 "IMAGEGW_QUEUE_NAME": queue}
+        if redis:
+            extra["IMAGEGW_REDIS_URL"] = self.redis_url
+        return self._env(**extra)
+
+    async def start_gateway(self, name: str, *, redis: bool, queue: str = "bench:queue") -> Service:
+        """`imagegw serve`: embedded mode (`redis=False`) or the front end of Redis mode."""
+        port = free_port()
+        env = self._gateway_env(name, redis, queue)
+        env["IMAGEGW_PORT"] = str(port)
+        service = await self._spawn(name, sys.executable, "-m", "service.cli", "serve", env=env)
+        service.url = f"http://127.0.0.1:{port}"
+        await self._wait_http(service, service.url + "/healthz")
+        return service
+
+    async def start_worker(self, name: str, *, queue: str = "bench:queue") -> Service:
+        """`imagegw worker`, returned once it listens for wake-ups (so it is ready to take jobs)."""
+        redis = Redis.from_url(self.redis_url)
+        try:
+            before = await self._wake_listeners(redis)
+            service = await self._spawn(name, sys.executable, "-m", "service.cli", "worker",
+                                        env=self._gateway_env(name, True, queue))
+            deadline = time.monotonic() + 60
+            while await self._wake_listeners(redis) <= before:
+                if service.process.returncode is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"{name} did not start; see {self.workdir / name}.log")
+                await asyncio.sleep(0.02)
+        finally:
+            await redis.aclose()
+        return service
+
+    @staticmethod
+    async def _wake_listeners(redis: Redis) -> int:
+        counts = await redis.pubsub_numsub(WAKE_CHANNEL)
+        return int(counts[0][1])
+
+    async def _wait_http(self, service: Service, url: str, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        async with aiohttp.ClientSession() as session:
+            while True:
+                try:
+                    async with session.get(url) as resp:
+                        if resp.status == 200:
+                            return
+                except aiohttp.ClientError:
+                    pass
+                if service.process.returncode is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"{service.name} did not start; see {self.workdir / service.name}.log")
+                await asyncio.sleep(0.05)
+
+    async def stop(self, service: Service) -> None:
+        if service.process.returncode is None:
+            service.process.terminate()
+            try:
+                await asyncio.wait_for(service.process.wait(), 15)
+            except TimeoutError:
+                service.process.kill()
+                await service.process.wait()
+        if service in self.services:
+            self.services.remove(service)
+
+    async def close(self) -> None:
+        for service in reversed(list(self.services)):
+            await self.stop(service)
+
+
+class LoadProcess:
+    """The client side of `bench.load`: one command out, one JSON answer back."""
+
+    def __init__(self, service: Service) -> None:
+        self.service = service
+
+    async def run(self, op: str, **command: object) -> dict[str, Any]:
+        process = self.service.process
+        assert process.stdin is not None and process.stdout is not None
+        process.stdin.write(json.dumps({"op": op, **command}).encode() + b"\n")
+        await process.stdin.drain()
+        line = await process.stdout.readline()
+        if not line:
+            raise RuntimeError("the load generator died; see its log")
+        answer: dict[str, Any] = json.loads(line)
+        return answer

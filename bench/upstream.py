@@ -1,0 +1,113 @@
+"""A fake OpenAI images upstream that answers at once with a fixed body: the far end of every direct baseline.
+
+It speaks OpenAI's `POST /v1/images/generations` (JSON in, `{"created", "data": [{"b64_json"}], ...}` out),
+so the gateway reaches it through its real OpenAI adapter. Three mounts of the same endpoint:
+
+- `/v1/...`        answers at once with a small PNG per image (a 2048x2048 one when asked for that size);
+- `/slow/v1/...`   waits `SLOW_SECONDS` first, the stand-in for a real generation;
+- `GET /stats`     how many generations each mount served, so the bench can prove every gateway request
+                   reached the upstream (no cached answer is ever measured).
+
+Run as `python -m bench.upstream PORT`; prints "ready" once listening.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import random
+import sys
+import time
+from collections import Counter
+from functools import cache
+
+from aiohttp import web
+from PIL import Image
+
+SLOW_SECONDS = 0.5
+LARGE_SIZE = "2048x2048"
+
+
+@cache
+def small_png() -> bytes:
+    """A 64x64 PNG (a few hundred bytes): 'a fixed small PNG'."""
+    image = Image.linear_gradient("L").resize((64, 64)).convert("RGB")
+    out = io.BytesIO()
+    image.save(out, "PNG")
+    return out.getvalue()
+
+
+@cache
+def large_png() -> bytes:
+    """A 2048x2048 PNG of smooth noise, about 6 MB: close to what a photographic render of that size weighs."""
+    rng = random.Random(2048)
+    noise = Image.frombytes("RGB", (128, 128), rng.randbytes(128 * 128 * 3))
+    out = io.BytesIO()
+    noise.resize((2048, 2048), Image.Resampling.BICUBIC).save(out, "PNG")
+    return out.getvalue()
+
+
+@cache
+def answer(n: int, size: str) -> bytes:
+    """The response body for `n` images of `size`, encoded once: the upstream itself costs next to nothing."""
+    png = large_png() if size == LARGE_SIZE else small_png()
+    b64 = base64.b64encode(png).decode()
+    return json.dumps({
+        "created": 1_700_000_000,
+        "data": [{"b64_json": b64} for _ in range(n)],
+        "background": "opaque",
+        "output_format": "png",
+        "size": size,
+        "quality": "high",
+        "usage": {"input_tokens": 10, "output_tokens": 100, "total_tokens": 110,
+                  "input_tokens_details": {"text_tokens": 10, "image_tokens": 0}},
+    }).encode()
+
+
+CALLS = web.AppKey("calls", Counter)
+
+
+def generations(mount: str, delay: float) -> web.Handler:
+    async def handler(request: web.Request) -> web.Response:
+        body = await request.json()
+        if not isinstance(body, dict) or not body.get("prompt") or not body.get("model"):
+            return web.json_response({"error": {"message": "prompt and model are required",
+                                                "type": "invalid_request_error", "param": None, "code": None}},
+                                     status=400)
+        if delay:
+            await asyncio.sleep(delay)
+        request.app[CALLS][mount] += 1
+        return web.Response(body=answer(int(body.get("n") or 1), str(body.get("size") or "1024x1024")),
+                            content_type="application/json")
+
+    return handler
+
+
+async def stats(request: web.Request) -> web.Response:
+    return web.json_response(dict(request.app[CALLS]))
+
+
+def create_upstream() -> web.Application:
+    app = web.Application(client_max_size=64 * 1024 * 1024)
+    app[CALLS] = Counter()
+    app.router.add_post("/v1/images/generations", generations("fast", 0.0))
+    app.router.add_post("/slow/v1/images/generations", generations("slow", SLOW_SECONDS))
+    app.router.add_get("/stats", stats)
+    return app
+
+
+async def serve(port: int) -> None:
+    runner = web.AppRunner(create_upstream(), access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    started = time.monotonic()
+    answer(1, "1024x1024")
+    answer(10, LARGE_SIZE)  # built before "ready", never inside a measured request
+    print("ready", round(time.monotonic() - started, 2), flush=True)
+    await asyncio.Event().wait()
+
+
+if __name__ == "__main__":
+    asyncio.run(serve(int(sys.argv[1])))
