@@ -16,7 +16,7 @@ from service.dispatch import Dispatcher
 from service.jobs import JobStore
 from service.middleware import auth_middleware, error_middleware
 from service.progress import JobEventManager, ProgressHub, ProgressNamespace, ProgressPublisher
-from service.routes import files, health, images, jobs, models
+from service.routes import docs, files, health, images, jobs, models, playground, static
 from service.settings import GatewayConfig, Settings, load_config
 from service.state import CONFIG, DISPATCHER, HUB, KEYS, REDIS, REDIS_FACTORY, SETTINGS, SIO, STORAGE, STORE
 
@@ -101,4 +101,7 @@ def create_app(settings: Settings, config: GatewayConfig | None = None) -> web.A
     models.setup(app)
     files.setup(app)
     health.setup(app)
+    static.setup(app)
+    playground.setup(app)
+    docs.setup(app)
     return app

@@ -102,6 +102,32 @@ class ErrorBody(BaseModel):
     code: str | None = None
 
 
+class ErrorResponse(BaseModel):
+    """Every error answer: `{"error": {...}}`, as OpenAI's."""
+
+    error: ErrorBody
+
+
+class FileQuery(BaseModel):
+    """`GET /v1/files/...`: a signed link carries both; without them the owner's key is needed."""
+
+    expires: str | None = None
+    signature: str | None = None
+
+
+class Health(BaseModel):
+    status: Literal["ok"] = "ok"
+
+
+class Readiness(BaseModel):
+    """`GET /readyz`: Redis answers and a worker reported recently."""
+
+    status: Literal["ok", "no_workers", "unavailable"]
+    redis: bool
+    workers: bool | None = None
+    error: str | None = None
+
+
 class Job(BaseModel):
     """`GET /v1/images/jobs/{id}`."""
 

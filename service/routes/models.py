@@ -6,6 +6,7 @@ from aiohttp import web
 
 from service.errors import NotFound
 from service.models import CAPABILITIES, PROVIDER_CAPABILITIES
+from service.openapi import api
 from service.routes.responses import model_response
 from service.schemas import ModelCard, ModelList
 from service.settings import GatewayConfig
@@ -22,11 +23,13 @@ def card(config: GatewayConfig, name: str) -> ModelCard:
                      capabilities={c: c in able for c in CAPABILITIES})
 
 
+@api("List the models", tags="Models", responses={200: ModelList})
 async def list_models(request: web.Request) -> web.Response:
     config = request.app[CONFIG]
     return model_response(ModelList(data=[card(config, name) for name in config.models]))
 
 
+@api("Describe one model", tags="Models", responses={200: ModelCard}, errors=(404,))
 async def get_model(request: web.Request) -> web.Response:
     config = request.app[CONFIG]
     name = request.match_info["model"]
