@@ -1,19 +1,25 @@
-"""From a public model name to a provider call: deployments, weights and in-flight counts."""
+"""From a public model name to a provider call: deployments, load spreading, retries, fallback, cooldowns."""
 
 from __future__ import annotations
 
-import random
-from collections import Counter
+import asyncio
+import contextlib
+import logging
+import math
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 
 import aiohttp
 
-from service.errors import InvalidRequest, NotFound
+from service.errors import InvalidRequest, NotFound, UpstreamError, UpstreamRejected, UpstreamTimeout
 from service.models import PROVIDER_CAPABILITIES
 from service.schemas import ImageSpec
 from service.settings import GatewayConfig
 from workers.providers import PROVIDER_TYPES
 from workers.providers.base import Deployment, ImageRequest, ProgressReporter, Provider, ProviderResult
+from workers.retry import PERMANENT_CODES, Cooldowns, Failure, backoff_delay, exhausted
+
+log = logging.getLogger(__name__)
 
 OPERATION_CAPABILITY = {"generate": "generation", "edit": "edit", "variation": "variation"}
 
@@ -25,7 +31,15 @@ class RoutedResult:
 
 
 class Router:
-    """Owns one provider instance per configured account and picks a deployment for each call."""
+    """Owns one provider instance per configured account and routes each call over a model's deployments.
+
+    A call goes to the healthy deployment with the least in-flight work per unit of weight, ties broken by
+    smooth weighted round robin (so sequential traffic splits exactly by weight). A deployment that fails is
+    put in cooldown and skipped by later calls while another can serve. Within one call, failures worth
+    retrying (429, 5xx, timeouts, connection errors) move on to a deployment not tried yet, or call a failed
+    one again after an exponential backoff that honours Retry-After, up to the model's `retry.attempts` and
+    within its `timeout`. A request the upstream rejected (UpstreamRejected) is never retried.
+    """
 
     def __init__(self, config: GatewayConfig, http: aiohttp.ClientSession) -> None:
         self.config = config
@@ -48,6 +62,10 @@ class Router:
                 resolved.append(deployment)
             self.deployments[model] = resolved
         self.in_flight: Counter[str] = Counter()
+        self.rotation: defaultdict[str, float] = defaultdict(float)  # smooth weighted round robin state
+        self.cooldowns = Cooldowns()
+        self.slots = {d.name: asyncio.Semaphore(d.max_concurrency)
+                      for ds in self.deployments.values() for d in ds if d.max_concurrency is not None}
 
     def candidates(self, spec: ImageSpec) -> list[Deployment]:
         deployments = self.deployments.get(spec.model)
@@ -62,21 +80,81 @@ class Router:
         return able
 
     def pick(self, deployments: list[Deployment]) -> Deployment:
-        """Weighted choice among the deployments with spare capacity, preferring the least busy."""
-        free = [d for d in deployments if d.max_concurrency is None or self.in_flight[d.name] < d.max_concurrency]
-        pool = free or deployments
+        """Out of cooldown if possible, with spare capacity if possible, least busy for its weight, then the
+        one whose turn it is by weight."""
+        pool = [d for d in deployments if not self.cooldowns.active(d.name)] or deployments
+        pool = ([d for d in pool if d.max_concurrency is None or self.in_flight[d.name] < d.max_concurrency]
+                or pool)
         least = min(self.in_flight[d.name] / d.weight for d in pool)
         pool = [d for d in pool if self.in_flight[d.name] / d.weight == least]
-        return random.choices(pool, weights=[d.weight for d in pool])[0]
+        for d in pool:
+            self.rotation[d.name] += d.weight
+        chosen = max(pool, key=lambda d: self.rotation[d.name])
+        self.rotation[chosen.name] -= sum(d.weight for d in pool)
+        return chosen
 
     async def generate(self, request: ImageRequest, progress: ProgressReporter) -> RoutedResult:
-        deployment = self.pick(self.candidates(request.spec))
+        spec = request.spec
+        deployments = self.candidates(spec)
+        model = self.config.models[spec.model]
+        policy = model.retry
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + model.timeout
+        failures: list[Failure] = []
+        retry_at: dict[str, float] = {}  # deployments that failed in this request -> when to call them again
+        for attempt in range(1, policy.attempts + 1):
+            untried = [d for d in deployments if d.name not in retry_at]
+            if untried:
+                deployment, wait = self.pick(untried), 0.0
+            else:
+                deployment = min(deployments, key=lambda d: retry_at[d.name])
+                wait = retry_at[deployment.name] - loop.time()
+            if loop.time() + wait >= deadline:
+                break  # the next call could not start within the model's timeout
+            if attempt > 1:
+                await progress.update(0.0, f"retrying ({attempt}/{policy.attempts})")
+            if wait > 0:
+                await asyncio.sleep(wait)
+            started = loop.time()
+            try:
+                result = await self._call(deployment, request, progress, deadline)
+            except UpstreamRejected as exc:
+                log.info("%s: attempt %d/%d on %s rejected, not retried: %s", spec.model, attempt,
+                         policy.attempts, deployment.name, exc.message)
+                raise
+            except UpstreamError as exc:
+                failures.append(Failure(deployment, exc))
+                self.cooldowns.start(deployment.name, max(policy.cooldown, exc.retry_after or 0.0))
+                tries = sum(f.deployment.name == deployment.name for f in failures)
+                retry_at[deployment.name] = (math.inf if exc.code in PERMANENT_CODES
+                                             else loop.time() + backoff_delay(policy, tries, exc.retry_after))
+                log.warning("%s: attempt %d/%d on %s failed after %.2f s: %s", spec.model, attempt,
+                            policy.attempts, deployment.name, loop.time() - started, exc.message)
+                continue
+            self.cooldowns.clear(deployment.name)
+            log.info("%s: attempt %d/%d on %s succeeded in %.2f s", spec.model, attempt, policy.attempts,
+                     deployment.name, loop.time() - started)
+            return RoutedResult(result, deployment)
+        raise exhausted(spec.model, failures)
+
+    async def _call(self, deployment: Deployment, request: ImageRequest, progress: ProgressReporter,
+                    deadline: float) -> ProviderResult:
+        """One provider call within the deployment's concurrency limit and timeout, capped by the deadline."""
+        loop = asyncio.get_running_loop()
+        provider = self.providers[deployment.provider]
+        slot = self.slots.get(deployment.name) or contextlib.nullcontext()
+        timeout = deployment.timeout
         self.in_flight[deployment.name] += 1
         try:
-            result = await self.providers[deployment.provider].generate(request, deployment, progress)
+            async with slot:
+                timeout = min(timeout, deadline - loop.time())
+                async with asyncio.timeout(timeout):
+                    return await provider.generate(request, deployment, progress)
+        except TimeoutError:
+            raise UpstreamTimeout(f"Upstream '{deployment.provider}' (model '{deployment.upstream_model}') "
+                                  f"did not answer within {timeout:.3g} s.") from None
         finally:
             self.in_flight[deployment.name] -= 1
-        return RoutedResult(result, deployment)
 
     async def close(self) -> None:
         for provider in self.providers.values():
