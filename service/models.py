@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from service.errors import InvalidRequest
 from service.schemas import ImageGenerationRequest, ImageSpec, ResponseFormat, parse_dimensions
@@ -77,6 +77,20 @@ GPT_IMAGE = FamilyRules(
     extensions=frozenset(),
 )
 
+# Google's Gemini image models, direct or through OpenRouter: any WIDTHxHEIGHT, drawn at the nearest aspect
+# ratio the model has (Google picks the pixels, the answer's `size` tells); n is fanned out over calls.
+GEMINI_IMAGE = FamilyRules(
+    max_prompt=32000,
+    max_n=10,
+    sizes=SizeRule(fixed=frozenset({"auto"}), free=True, min_edge=64, max_edge=8192, max_aspect=4.0),
+    default_size="auto",
+    qualities=frozenset({"standard", "auto"}),
+    backgrounds=frozenset({"opaque", "auto"}),
+    moderations=frozenset({"auto"}),
+    stream=False,
+    extensions=frozenset({"seed"}),
+)
+
 FAMILIES: dict[str, FamilyRules] = {
     "dall-e-2": FamilyRules(
         max_prompt=1000,
@@ -122,6 +136,10 @@ FAMILIES: dict[str, FamilyRules] = {
         qualities=GPT_IMAGE.qualities,
         extensions=frozenset(),
     ),
+    "gemini": GEMINI_IMAGE,
+    # Imagen on the Gemini API: like Gemini with fewer aspect ratios and no seed; the upstream counts the
+    # prompt in tokens and refuses a long one itself.
+    "imagen": replace(GEMINI_IMAGE, extensions=frozenset()),
     # Anything-goes rules for back ends that draw at any size: the offline renderer, ComfyUI, test doubles.
     "generic": FamilyRules(
         max_prompt=32000,
