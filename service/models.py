@@ -12,6 +12,8 @@ ALL_FORMATS = frozenset({"png", "jpeg", "webp"})
 ALL_BACKGROUNDS = frozenset({"transparent", "opaque", "auto"})
 TRANSPARENT_FORMATS = frozenset({"png", "webp"})
 COMPRESSED_FORMATS = frozenset({"jpeg", "webp"})
+# request parameters beyond OpenAI's, accepted only by the families listing them in `extensions`
+EXTENSIONS = ("seed", "negative_prompt", "watermark")
 
 
 @dataclass(frozen=True)
@@ -24,6 +26,7 @@ class SizeRule:
     min_edge: int = 1
     max_edge: int = 4096
     max_pixels: int | None = None
+    min_pixels: int | None = None
     max_aspect: float | None = None
 
     def check(self, size: str) -> str | None:
@@ -40,6 +43,8 @@ class SizeRule:
             return f"width and height must be multiples of {self.multiple_of}"
         if self.max_pixels is not None and width * height > self.max_pixels:
             return f"at most {self.max_pixels} pixels are supported"
+        if self.min_pixels is not None and width * height < self.min_pixels:
+            return f"at least {self.min_pixels} pixels are needed"
         if self.max_aspect is not None and max(width, height) > self.max_aspect * min(width, height):
             return f"the aspect ratio must be between 1:{self.max_aspect:g} and {self.max_aspect:g}:1"
         return None
@@ -136,6 +141,36 @@ FAMILIES: dict[str, FamilyRules] = {
         qualities=GPT_IMAGE.qualities,
         extensions=frozenset(),
     ),
+    # ByteDance Seedream 4.0 (Volcengine Ark image generation API): a resolution tier, or WIDTHxHEIGHT with
+    # 1280x720 to 4096x4096 pixels in all and an aspect ratio within 1:16..16:1. The upstream counts the
+    # prompt in tokens and refuses a long one itself.
+    "seedream": FamilyRules(
+        max_prompt=32000,
+        max_n=10,
+        sizes=SizeRule(fixed=frozenset({"1K", "2K", "4K"}), free=True, max_edge=16384,
+                       min_pixels=1280 * 720, max_pixels=4096 * 4096, max_aspect=16.0),
+        default_size="2K",
+        qualities=frozenset({"auto"}),
+        backgrounds=frozenset({"opaque", "auto"}),
+        moderations=frozenset(),
+        stream=False,
+        extensions=frozenset({"seed", "watermark"}),
+    ),
+    # Zhipu / Z.ai CogView-4 (images/generations): the recommended sizes, or any custom size with 512-2048 px
+    # edges divisible by 16 and at most 2^21 pixels.
+    "cogview": FamilyRules(
+        max_prompt=32000,
+        max_n=10,
+        sizes=SizeRule(fixed=frozenset({"1024x1024", "768x1344", "864x1152", "1344x768", "1152x864",
+                                        "1440x720", "720x1440"}),
+                       free=True, multiple_of=16, min_edge=512, max_edge=2048, max_pixels=2**21),
+        default_size="1024x1024",
+        qualities=frozenset({"standard", "hd", "auto"}),
+        backgrounds=frozenset({"opaque", "auto"}),
+        moderations=frozenset(),
+        stream=False,
+        extensions=frozenset(),
+    ),
     "gemini": GEMINI_IMAGE,
     # Imagen on the Gemini API: like Gemini with fewer aspect ratios and no seed; the upstream counts the
     # prompt in tokens and refuses a long one itself.
@@ -214,7 +249,7 @@ def resolve_spec(
     _check_option("output_format", request.output_format, rules.output_formats, model)
     _check_option("background", request.background, rules.backgrounds, model)
     _check_option("moderation", request.moderation, rules.moderations, model)
-    for param in ("seed", "negative_prompt"):
+    for param in EXTENSIONS:
         if getattr(request, param) is not None and param not in rules.extensions:
             raise InvalidRequest(f"'{param}' is not supported by model '{model}'.", param=param,
                                  code="unsupported_parameter")
@@ -248,5 +283,6 @@ def resolve_spec(
         stream=bool(request.stream),
         seed=request.seed,
         negative_prompt=request.negative_prompt,
+        watermark=request.watermark,
         response_format=request.response_format or default_response_format,
     )

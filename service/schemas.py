@@ -38,6 +38,7 @@ class ImageGenerationRequest(BaseModel):
     # gateway extensions used by providers that have them (Doubao, ComfyUI)
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     negative_prompt: str | None = None
+    watermark: bool | None = None
 
 
 class ImageSpec(BaseModel):
@@ -59,6 +60,7 @@ class ImageSpec(BaseModel):
     stream: bool = False
     seed: int | None = None
     negative_prompt: str | None = None
+    watermark: bool | None = None
     response_format: ResponseFormat = "b64_json"
     # edits and variations: storage names of the uploaded inputs, loaded by the job before the provider runs
     input_images: list[str] = []

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import io
 import math
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from typing import Any, TypeVar
 
 from PIL import Image, UnidentifiedImageError
@@ -62,12 +62,13 @@ def calls_for(n: int, per_call: int) -> list[int]:
     return [per_call] * full + ([rest] if rest else [])
 
 
-async def fan_out(counts: list[int], call: Callable[[int, int], Awaitable[T]]) -> list[T]:
+async def fan_out(counts: list[int], call: Callable[[int, int], Coroutine[Any, Any, T]]) -> list[T]:
     """Run `call(index, count)` for every entry of `counts` at once. The first failure cancels the other calls
     and is raised as itself (not as an ExceptionGroup), so the router sees the upstream's own error."""
     try:
         async with asyncio.TaskGroup() as group:
-            tasks = [group.create_task(call(index, count)) for index, count in enumerate(counts)]
+            tasks: list[asyncio.Task[T]] = [group.create_task(call(index, count))
+                                            for index, count in enumerate(counts)]
     except ExceptionGroup as failures:
         raise failures.exceptions[0] from None
     return [task.result() for task in tasks]

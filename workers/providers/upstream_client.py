@@ -82,7 +82,8 @@ class UpstreamClient:
         http = f"HTTP {status}: " if status is not None else ""
         error: GatewayError
         if kind == "rejected":
-            error = UpstreamRejected(f"{self.who} rejected the request: {http}{detail}", code=code, param=param)
+            error = UpstreamRejected(f"{self.who} rejected the request: {http}{detail}", code=code,
+                                     param=param)
         elif kind == "auth":
             error = UpstreamError(f"{self.who} refused the gateway's credentials: {http}{detail}",
                                   code=code or "upstream_auth_failed")
@@ -117,24 +118,25 @@ class UpstreamClient:
                                code="upstream_unreachable") from None
         text = raw.decode("utf-8", "replace")
         try:
-            body = json.loads(text)
+            parsed = json.loads(text)
         except ValueError:
-            body = None
-        if body is None and status < 400:
+            parsed = None
+        if parsed is None and status < 400:
             raise self.failure("failed", f"the answer is not JSON: {text[:200]!r}", status=status,
                                code="bad_upstream_answer")
-        return JsonAnswer(status=status, headers=answer_headers, body=body, text=text)
+        return JsonAnswer(status=status, headers=answer_headers, body=parsed, text=text)
 
     async def _read(self, resp: aiohttp.ClientResponse) -> bytes:
         """The whole body, refused as soon as it grows past the cap instead of after buffering it all."""
-        if (resp.content_length or 0) > MAX_ANSWER_BYTES:
-            raise self.failure("failed", f"the answer is larger than {MAX_ANSWER_BYTES} bytes", status=resp.status,
-                               code="upstream_answer_too_large")
-        chunks, size = [], 0
-        async for chunk in resp.content.iter_chunked(1 << 16):
-            size += len(chunk)
-            if size > MAX_ANSWER_BYTES:
-                raise self.failure("failed", f"the answer is larger than {MAX_ANSWER_BYTES} bytes",
-                                   status=resp.status, code="upstream_answer_too_large")
-            chunks.append(chunk)
+        chunks, size = [], resp.content_length or 0
+        if size <= MAX_ANSWER_BYTES:
+            size = 0
+            async for chunk in resp.content.iter_chunked(1 << 16):
+                size += len(chunk)
+                if size > MAX_ANSWER_BYTES:
+                    break
+                chunks.append(chunk)
+        if size > MAX_ANSWER_BYTES:
+            raise self.failure("failed", f"the answer is larger than {MAX_ANSWER_BYTES} bytes",
+                               status=resp.status, code="upstream_answer_too_large")
         return b"".join(chunks)
