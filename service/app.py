@@ -31,9 +31,10 @@ async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def storage_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
-    app[STORAGE] = await open_storage(settings, app[REDIS])
-    app[STORE] = JobStore(app[REDIS], settings.queue_name, settings.job_ttl)
-    yield
+    async with open_storage(settings, app[REDIS]) as storage:
+        app[STORAGE] = storage
+        app[STORE] = JobStore(app[REDIS], settings.queue_name, settings.job_ttl)
+        yield
 
 
 async def progress_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import secrets
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 from arq.connections import ArqRedis
 from fakeredis import FakeServer
@@ -42,6 +44,14 @@ async def signing_secret(settings: Settings, redis: ArqRedis) -> bytes:
     return bytes(value)
 
 
-async def open_storage(settings: Settings, redis: ArqRedis) -> Storage:
+@asynccontextmanager
+async def open_storage(settings: Settings, redis: ArqRedis) -> AsyncIterator[Storage]:
+    """The storage back end `settings.storage` names, open for the life of the block."""
+    if settings.storage == "s3":
+        from service.storage_s3 import open_s3_storage  # botocore is slow to import; only S3 users pay
+
+        async with open_s3_storage(settings, redis) as storage:
+            yield storage
+        return
     signer = UrlSigner(await signing_secret(settings, redis), settings.url_ttl)
-    return LocalStorage(settings.data_dir / "files", signer)
+    yield LocalStorage(settings.data_dir / "files", signer)

@@ -5,6 +5,7 @@ WAKE_CHANNEL = "imagegw:wake"
 SOCKETIO_CHANNEL = "imagegw:socketio"
 SIGNING_SECRET_KEY = "imagegw:signing-secret"
 WORKER_HEARTBEAT_KEY = "imagegw:worker:{}"
+STORAGE_SWEEP_KEY = "imagegw:storage-sweep"  # held by the one process deleting expired objects this interval
 
 JOB_FUNCTION = "run_image_job"
 

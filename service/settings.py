@@ -56,6 +56,18 @@ class Settings(BaseSettings):
     fetch_allowed_networks: list[IPvAnyNetwork] = Field(
         [], description="CIDRs image URLs may reach although they are loopback/private/link-local (tests, intranets)"
     )
+    # where finished images live: a local directory served through signed /v1/files links, or an S3 bucket whose
+    # presigned links clients download from directly (credentials: the standard AWS_* variables)
+    storage: Literal["local", "s3"] = "local"
+    s3_bucket: str | None = None
+    s3_endpoint_url: str | None = Field(None, description="an S3-compatible service (MinIO, R2...); unset = AWS")
+    s3_public_endpoint_url: str | None = Field(
+        None, description="endpoint put in presigned links when clients reach the service at another address"
+    )
+    s3_region: str | None = Field(None, description="default: AWS_REGION / AWS_DEFAULT_REGION")
+    s3_prefix: str = Field("imagegw/", description="key prefix of every object the gateway writes")
+    s3_addressing_style: Literal["auto", "path", "virtual"] = "auto"
+    s3_sweep_interval: float = Field(3600.0, gt=0, description="seconds between deletions of objects older than job_ttl")
 
     @property
     def embedded(self) -> bool:
@@ -261,7 +273,7 @@ def load_config(path: Path | None) -> GatewayConfig:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping")
     try:
-        return GatewayConfig.model_validate(data)
+        config = GatewayConfig.model_validate(data)
     except ValidationError as exc:
         lines = []
         for err in exc.errors():
@@ -275,6 +287,18 @@ def load_config(path: Path | None) -> GatewayConfig:
             line = _line_of(tree, loc)
             lines.append(f"{path}:{line}: {where}: {msg}" if line else f"{path}: {where}: {msg}")
         raise ConfigError("\n".join(lines)) from None
+    _resolve_paths(config, path.parent)
+    return config
+
+
+def _resolve_paths(config: GatewayConfig, base: Path) -> None:
+    """Option values that name files (ComfyUI workflows) are relative to the config file, not the cwd."""
+    option_sets = [p.options for p in config.providers.values()]
+    option_sets += [d.options for m in config.models.values() for d in m.deployments]
+    for options in option_sets:
+        workflow = options.get("workflow")
+        if isinstance(workflow, str) and not Path(workflow).is_absolute():
+            options["workflow"] = str(base / workflow)
 
 
 def _line_of(node: yaml.Node | None, loc: tuple[str | int, ...]) -> int | None:

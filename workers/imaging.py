@@ -24,6 +24,15 @@ def encode(image: Image.Image, fmt: str, compression: int | None) -> bytes:
     return out.getvalue()
 
 
+def image_size(data: bytes) -> str | None:
+    """WIDTHxHEIGHT from the image header, without decoding the pixels."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return f"{image.width}x{image.height}"
+    except OSError:
+        return None
+
+
 def convert(data: bytes, fmt: str, compression: int | None) -> bytes:
     """Re-encode an upstream image into the format the client asked for."""
     with Image.open(io.BytesIO(data)) as image:

@@ -9,8 +9,9 @@ from typing import Any
 
 from service.errors import GatewayError, InternalError, UpstreamTimeout
 from service.jobs import JobFailure, JobRecord, StoredImage, StoredResult
+from service.logs import JOB_ID
 from service.storage import image_name
-from workers.imaging import convert
+from workers.imaging import convert, image_size
 from workers.providers.base import ImageRequest, InputImage
 from workers.resources import WorkerResources, resources
 from workers.router import RoutedResult
@@ -83,11 +84,14 @@ async def run_image_job(ctx: dict[str, Any], job_id: str) -> None:
 
 
 async def execute_job(res: WorkerResources, job_id: str) -> None:
+    JOB_ID.set(job_id)
     record = await res.store.start(job_id)
-    if record is None:
-        return  # cancelled before it started, or finished by an earlier attempt
+    if record is None:  # cancelled before it started, or finished by an earlier attempt
+        await settle_ended(res, job_id)
+        return
     progress = JobProgress(res, job_id)
     timeout = res.config.models[record.model].timeout if record.model in res.config.models else None
+    await res.limiter.started(record.owner, job_id, timeout or res.settings.job_ttl)
     try:
         await progress.update(0.0, "starting")
         request = await load_request(res, record)
@@ -138,7 +142,7 @@ async def store_images(res: WorkerResources, record: JobRecord, routed: RoutedRe
     return StoredResult(
         created=int(time.time()),
         images=images,
-        size=routed.result.size,
+        size=routed.result.size or (image_size(routed.result.images[0].data) if routed.result.images else None),
         quality=routed.result.quality,
         background=routed.result.background,
         output_format=spec.output_format,
@@ -152,10 +156,20 @@ async def finish_succeeded(res: WorkerResources, record: JobRecord, result: Stor
     if done is None:
         await res.storage.delete_job(record.id)  # cancelled while running: its images are not wanted
         return
+    await res.settlement.settle(done)  # before the announcement: a client told "done" has its slot back
     await res.publisher.finished(done)
 
 
 async def finish_failed(res: WorkerResources, record: JobRecord, error: GatewayError) -> None:
     done = await res.store.fail(record.id, JobFailure(status=error.status, error=error.to_dict()))
     if done is not None:
+        await res.settlement.settle(done)
         await res.publisher.finished(done)
+
+
+async def settle_ended(res: WorkerResources, job_id: str) -> None:
+    """A run of a job that has ended: the worker that ended it may have died before settling it (settling
+    twice is harmless)."""
+    record = await res.store.get(job_id)
+    if record is not None and record.terminal:
+        await res.settlement.settle(record)

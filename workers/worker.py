@@ -132,9 +132,9 @@ async def running_worker(
 ) -> AsyncIterator[ImageWorker]:
     """A worker with its own connections and resources, running until the block exits."""
     redis = factory()
-    storage = await open_storage(settings, redis)
     manager = JobEventManager(factory, write_only=True)
-    async with open_resources(settings, config, redis, storage, manager) as res:
+    async with (open_storage(settings, redis) as storage,
+                open_resources(settings, config, redis, storage, manager) as res):
         worker = build_worker(settings, config, redis, res, handle_signals=handle_signals)
         worker.main_task = asyncio.create_task(worker.main())
         try:

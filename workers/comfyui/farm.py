@@ -1,0 +1,81 @@
+"""Several ComfyUI instances behind one provider: least-loaded choice, per-instance concurrency, down-marking."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import aiohttp
+
+from service.errors import UpstreamError
+
+
+@dataclass
+class Instance:
+    url: str
+    active: int = 0
+    down_until: float = 0.0
+
+    @property
+    def healthy(self) -> bool:
+        return self.down_until <= time.monotonic()
+
+
+class Farm:
+    """Hands out instances. Load is this process's running jobs plus what the instance's own `/queue`
+    reports, so workers in other processes sharing the farm are taken into account too."""
+
+    def __init__(self, urls: list[str], concurrency: int, retry_after: float, http: aiohttp.ClientSession) -> None:
+        self.instances = [Instance(url.rstrip("/")) for url in urls]
+        self.concurrency = concurrency
+        self.retry_after = retry_after
+        self.http = http
+        self._changed = asyncio.Condition()
+
+    def mark_down(self, instance: Instance) -> None:
+        instance.down_until = time.monotonic() + self.retry_after
+
+    async def _remote_load(self, instance: Instance) -> int | None:
+        try:
+            async with self.http.get(instance.url + "/queue", timeout=aiohttp.ClientTimeout(total=3)) as resp:
+                queue = await resp.json()
+            return len(queue.get("queue_running", [])) + len(queue.get("queue_pending", []))
+        except (aiohttp.ClientError, TimeoutError, ValueError):
+            self.mark_down(instance)
+            return None
+
+    @asynccontextmanager
+    async def lease(self) -> AsyncIterator[Instance]:
+        """The least-loaded healthy instance with a free slot, held for the block; waits while all are busy."""
+        instance = await self._acquire()
+        try:
+            yield instance
+        finally:
+            async with self._changed:
+                instance.active -= 1
+                self._changed.notify_all()
+
+    async def _acquire(self) -> Instance:
+        while True:
+            candidates = [i for i in self.instances if i.healthy and i.active < self.concurrency]
+            if not candidates and not any(i.healthy for i in self.instances):
+                # everything is marked down: probe the one that has waited longest instead of failing at once
+                candidates = [min(self.instances, key=lambda i: i.down_until)]
+                candidates[0].down_until = 0.0
+            loads = await asyncio.gather(*(self._remote_load(i) for i in candidates))
+            ranked = sorted((i.active + load, n, i) for n, (i, load) in enumerate(zip(candidates, loads, strict=True))
+                            if load is not None and i.active < self.concurrency)
+            if ranked:
+                instance = ranked[0][2]
+                instance.active += 1
+                return instance
+            if not any(i.healthy for i in self.instances):
+                raise UpstreamError("No ComfyUI instance is reachable.", code="upstream_unavailable")
+            async with self._changed:
+                try:
+                    await asyncio.wait_for(self._changed.wait(), 1.0)
+                except TimeoutError:
+                    pass
