@@ -30,6 +30,8 @@ import socket
 import struct
 import time
 from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
@@ -118,6 +120,8 @@ class FakeOpenAI:
         self.images: list[bytes] = []  # every image handed out, in order
         self.files: dict[str, bytes] = {}
         self.script: deque[Scripted] = deque()
+        self.active = 0  # image requests being answered right now
+        self.peak = 0  # the most there ever were at once
         self.port = 0
         self._counter = itertools.count()
         self._runner: web.AppRunner | None = None
@@ -208,6 +212,23 @@ class FakeOpenAI:
         return None
 
     async def openai_images(self, request: web.Request) -> web.StreamResponse:
+        with self._counted():
+            return await self._openai_images(request)
+
+    async def azure_images(self, request: web.Request) -> web.StreamResponse:
+        with self._counted():
+            return await self._azure_images(request)
+
+    @contextmanager
+    def _counted(self) -> Iterator[None]:
+        self.active += 1
+        self.peak = max(self.peak, self.active)
+        try:
+            yield
+        finally:
+            self.active -= 1
+
+    async def _openai_images(self, request: web.Request) -> web.StreamResponse:
         call = await self._record(request)
         if request.headers.get("Authorization") != f"Bearer {self.api_key}":
             return web.json_response(ERROR_BODIES[401], status=401)
@@ -219,7 +240,7 @@ class FakeOpenAI:
             return body
         return self._answer(request.match_info["operation"], str(body.get("model") or "dall-e-2"), body)
 
-    async def azure_images(self, request: web.Request) -> web.StreamResponse:
+    async def _azure_images(self, request: web.Request) -> web.StreamResponse:
         call = await self._record(request)
         if "api-version" not in request.query:
             return web.json_response({"error": {"code": "404", "message": "Resource not found"}}, status=404)
