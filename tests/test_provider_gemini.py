@@ -25,7 +25,7 @@ from tests.fakes.gemini import (
     TEXT_ANSWER,
     FakeGemini,
 )
-from tests.fakes.recording import image_dimensions, png
+from tests.fakes.recording import TRANSPORT_HEADERS, RecordingProgress, image_dimensions, png
 from workers.providers.base import Deployment, ImageRequest, InputImage, ProviderResult
 from workers.providers.gemini import GeminiProvider
 from workers.providers.translation import MASK_INSTRUCTION
@@ -34,21 +34,6 @@ KEY_ENV = "IMAGEGW_TEST_GEMINI_KEY"
 MODEL = "gemini-2.5-flash-image"
 IMAGEN = "imagen-4.0-generate-001"
 PROMPT = "a red fox in fresh snow"
-# what aiohttp sends on its own besides the headers the adapter sets
-TRANSPORT_HEADERS = {"host", "accept", "accept-encoding", "user-agent", "content-length"}
-
-
-class Progress:
-    """A ProgressReporter that remembers what it was told."""
-
-    def __init__(self) -> None:
-        self.updates: list[tuple[float, str]] = []
-
-    async def update(self, fraction: float, stage: str) -> None:
-        self.updates.append((fraction, stage))
-
-    async def partial_image(self, image: bytes, fmt: str) -> None:
-        raise AssertionError("Gemini sends no partial images")
 
 
 @pytest.fixture
@@ -63,8 +48,8 @@ def spec(**fields: Any) -> ImageSpec:
 
 
 async def generate(http: aiohttp.ClientSession, base_url: str, request: ImageRequest | ImageSpec,
-                   model: str = MODEL, deadline: float | None = None, progress: Progress | None = None,
-                   **options: Any) -> ProviderResult:
+                   model: str = MODEL, deadline: float | None = None,
+                   progress: RecordingProgress | None = None, **options: Any) -> ProviderResult:
     config = ProviderConfig(type="gemini", base_url=base_url, api_key_env=KEY_ENV)
     deployment = Deployment.resolve("nano", 0, "google", config, DeploymentConfig(
         provider="google", model=model, timeout=deadline, options=options))
@@ -72,11 +57,11 @@ async def generate(http: aiohttp.ClientSession, base_url: str, request: ImageReq
     provider.check_deployment(deployment)
     if isinstance(request, ImageSpec):
         request = ImageRequest(spec=request)
-    return await provider.generate(request, deployment, progress or Progress())
+    return await provider.generate(request, deployment, progress or RecordingProgress())
 
 
 async def test_generation_sends_the_documented_request(fake: FakeGemini, http: aiohttp.ClientSession) -> None:
-    progress = Progress()
+    progress = RecordingProgress()
     result = await generate(http, fake.url, spec(size="1792x1024"), progress=progress)
 
     [call] = fake.calls
@@ -97,6 +82,7 @@ async def test_generation_sends_the_documented_request(fake: FakeGemini, http: a
                             "total_tokens": words + IMAGE_OUTPUT_TOKENS,
                             "input_tokens_details": {"text_tokens": words, "image_tokens": 0}}
     assert progress.updates[0][0] == 0.0 and progress.updates[-1] == (1.0, "received 1/1 images")
+    assert progress.partials == []
 
 
 async def test_n_fans_out_into_parallel_calls_with_distinct_seeds(fake: FakeGemini,

@@ -26,6 +26,7 @@ from __future__ import annotations
 import base64
 import binascii
 import itertools
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
@@ -99,7 +100,7 @@ def rate_limited(failure: Failure) -> web.Response:
 
 
 # scripted failures that replace the whole answer; the others shape a 200
-ERROR_ANSWERS = {
+ERROR_ANSWERS: dict[str, Callable[[Failure], web.Response]] = {
     "auth": bad_key,
     "rate_limit": rate_limited,
     "server_error": lambda failure: google_error(500, "INTERNAL", failure.message or MESSAGES["internal"]),

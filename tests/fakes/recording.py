@@ -1,5 +1,6 @@
-"""What the Gemini and OpenRouter fakes share: a real aiohttp server on 127.0.0.1 (port 0), a record of every
-call, failures scripted for the next calls, and real PNGs drawn with Pillow."""
+"""What the Gemini and OpenRouter fakes and their tests share: a real aiohttp server on 127.0.0.1 (port 0), a
+record of every call, failures scripted for the next calls, real PNGs drawn with Pillow, and a progress
+reporter that remembers what a provider told it."""
 
 from __future__ import annotations
 
@@ -15,6 +16,9 @@ from typing import Any, Self
 from aiohttp import web
 from aiohttp.typedefs import Handler
 from PIL import Image
+
+# what aiohttp's client sends on its own besides the headers an adapter sets
+TRANSPORT_HEADERS = frozenset({"host", "accept", "accept-encoding", "user-agent", "content-length"})
 
 
 @dataclass
@@ -92,3 +96,17 @@ def png(width: int, height: int, seed: str) -> bytes:
 def image_dimensions(data: bytes) -> tuple[int, int]:
     with Image.open(io.BytesIO(data)) as image:
         return image.width, image.height
+
+
+class RecordingProgress:
+    """A `ProgressReporter` that remembers what it was told."""
+
+    def __init__(self) -> None:
+        self.updates: list[tuple[float, str]] = []
+        self.partials: list[tuple[bytes, str]] = []
+
+    async def update(self, fraction: float, stage: str) -> None:
+        self.updates.append((fraction, stage))
+
+    async def partial_image(self, image: bytes, fmt: str) -> None:
+        self.partials.append((image, fmt))
