@@ -12,7 +12,7 @@ import pytest
 
 from service.errors import GatewayError, UpstreamError, UpstreamRejected, UpstreamTimeout
 from service.schemas import ImageSpec
-from service.settings import GatewayConfig
+from service.settings import LOCAL_MODELS, GatewayConfig
 from tests.conftest import GatewayFactory
 from tests.fakes.openai import API_KEY, ERROR_BODIES, FakeOpenAI, FilePart
 from workers.providers.base import ImageRequest, InputImage, ProviderResult
@@ -20,7 +20,8 @@ from workers.providers.openai import OpenAIProvider
 from workers.router import Router
 
 KEY_ENV = "FAKE_OPENAI_KEY"
-PNG = base64.b64decode("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAQAAAC1HAwCAAAAC0lEQVR42mNkYAAAAAYAAjCB0C8AAAAASUVORK5CYII=")
+PNG = base64.b64decode(
+    "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAQAAAC1HAwCAAAAC0lEQVR42mNkYAAAAAYAAjCB0C8AAAAASUVORK5CYII=")
 
 
 class Progress:
@@ -34,18 +35,16 @@ class Progress:
         raise AssertionError("the OpenAI adapter sends no partial images")
 
 
-def openai_config(fake: FakeOpenAI, *, options: dict[str, Any] | None = None, timeout: float | None = None,
-                  **models: dict[str, Any]) -> GatewayConfig:
-    """One `openai` provider account on the fake; each model maps to one deployment with that upstream model."""
+def openai_config(fake: FakeOpenAI, *models: str, options: dict[str, Any] | None = None,
+                  timeout: float | None = None) -> GatewayConfig:
+    """One `openai` provider account on the fake, serving each of `models` under its own name and family."""
     azure = (options or {}).get("api_style") == "azure"
     return GatewayConfig.model_validate({
         "providers": {"oa": {"type": "openai", "base_url": fake.url if azure else fake.base_url,
                              "api_key_env": KEY_ENV, "headers": {"OpenAI-Organization": "org-test"},
                              "options": options or {}}},
-        "models": {name: {"family": model.get("family", "generic"),
-                          "deployments": [{"provider": "oa", "model": model.get("upstream", name),
-                                           "timeout": timeout}]}
-                   for name, model in models.items()},
+        "models": {name: {"family": LOCAL_MODELS[name],
+                          "deployments": [{"provider": "oa", "timeout": timeout}]} for name in models},
     })
 
 
@@ -67,7 +66,8 @@ async def run(http: aiohttp.ClientSession, config: GatewayConfig, spec: ImageSpe
     provider = router.providers["oa"]
     assert isinstance(provider, OpenAIProvider)
     deployment = router.deployments[spec.model][0]
-    return await provider.generate(ImageRequest(spec=spec, images=images or [], mask=mask), deployment, Progress())
+    request = ImageRequest(spec=spec, images=images or [], mask=mask)
+    return await provider.generate(request, deployment, Progress())
 
 
 def json_headers(call_headers: dict[str, str]) -> dict[str, str]:
@@ -79,12 +79,13 @@ async def test_gpt_image_generation_request_and_answer(fake: FakeOpenAI, http: a
     spec = ImageSpec(model="gpt-image-1", prompt="a red fox in snow", n=2, size="1536x1024", quality="high",
                      background="transparent", output_format="webp", output_compression=80, moderation="low",
                      user="user-42", response_format="url", style=None, seed=None)
-    result = await run(http, openai_config(fake, **{"gpt-image-1": {}}), spec)
+    result = await run(http, openai_config(fake, "gpt-image-1"), spec)
 
     [call] = fake.calls
     assert (call.method, call.path, call.query) == ("POST", "/v1/images/generations", {})
-    assert json_headers(call.headers) == {"authorization": f"Bearer {API_KEY}", "openai-organization": "org-test",
-                                          "content-type": "application/json"}
+    assert json_headers(call.headers) == {"authorization": f"Bearer {API_KEY}",
+                                          "content-type": "application/json",
+                                          "openai-organization": "org-test"}
     # every field GPT Image takes, and nothing it refuses (response_format) or lacks (style, seed)
     assert call.json == {"model": "gpt-image-1", "prompt": "a red fox in snow", "n": 2, "size": "1536x1024",
                          "quality": "high", "background": "transparent", "output_format": "webp",
@@ -98,16 +99,16 @@ async def test_gpt_image_generation_request_and_answer(fake: FakeOpenAI, http: a
 
 async def test_dall_e_3_url_results_are_downloaded_and_n_fans_out(fake: FakeOpenAI,
                                                                   http: aiohttp.ClientSession) -> None:
-    spec = ImageSpec(model="dall-e-3", prompt="a lighthouse", n=2, size="1792x1024", quality="hd", style="natural",
-                     user="u1", response_format="url")
-    result = await run(http, openai_config(fake, **{"dall-e-3": {}}), spec)
+    spec = ImageSpec(model="dall-e-3", prompt="a lighthouse", n=2, size="1792x1024", quality="hd",
+                     style="natural", user="u1", response_format="url")
+    result = await run(http, openai_config(fake, "dall-e-3"), spec)
 
     posts = [c for c in fake.calls if c.method == "POST"]
     gets = [c for c in fake.calls if c.method == "GET"]
     # DALL·E 3 draws one image per call: n=2 is two calls
-    assert [c.json for c in posts] == [{"model": "dall-e-3", "prompt": "a lighthouse", "n": 1, "size": "1792x1024",
-                                        "quality": "hd", "style": "natural", "response_format": "url",
-                                        "user": "u1"}] * 2
+    assert [c.json for c in posts] == [{"model": "dall-e-3", "prompt": "a lighthouse", "n": 1,
+                                        "size": "1792x1024", "quality": "hd", "style": "natural",
+                                        "response_format": "url", "user": "u1"}] * 2
     assert sorted(c.path for c in gets) == ["/files/img-0.png", "/files/img-1.png"]
     assert all("authorization" not in c.headers for c in gets)  # the key never goes to the image link
     assert sorted(image.data for image in result.images) == sorted(fake.images)
@@ -117,7 +118,7 @@ async def test_dall_e_3_url_results_are_downloaded_and_n_fans_out(fake: FakeOpen
 
 async def test_dall_e_2_b64_json_is_decoded(fake: FakeOpenAI, http: aiohttp.ClientSession) -> None:
     spec = ImageSpec(model="dall-e-2", prompt="a cat", n=3, size="256x256", response_format="b64_json")
-    result = await run(http, openai_config(fake, **{"dall-e-2": {}}), spec)
+    result = await run(http, openai_config(fake, "dall-e-2"), spec)
 
     [call] = fake.calls
     assert call.json == {"model": "dall-e-2", "prompt": "a cat", "n": 3, "size": "256x256",
@@ -127,17 +128,19 @@ async def test_dall_e_2_b64_json_is_decoded(fake: FakeOpenAI, http: aiohttp.Clie
 
 
 async def test_edit_with_mask_is_multipart(fake: FakeOpenAI, http: aiohttp.ClientSession) -> None:
-    spec = ImageSpec(operation="edit", model="gpt-image-1", prompt="add a hat", size="1024x1024", quality="low",
-                     input_fidelity="high", user="u7", input_images=["x/input-0.png"], mask="x/mask.png")
+    spec = ImageSpec(operation="edit", model="gpt-image-1", prompt="add a hat", size="1024x1024",
+                     quality="low", input_fidelity="high", user="u7", input_images=["x/input-0.png"],
+                     mask="x/mask.png")
     source, mask = InputImage(PNG, "png"), InputImage(PNG + b"mask", "png")
-    result = await run(http, openai_config(fake, **{"gpt-image-1": {}}), spec, [source], mask)
+    result = await run(http, openai_config(fake, "gpt-image-1"), spec, [source], mask)
 
     [call] = fake.calls
     assert (call.path, call.json) == ("/v1/images/edits", None)
     assert call.headers["content-type"].startswith("multipart/form-data; boundary=")
     assert call.headers["authorization"] == f"Bearer {API_KEY}"
     assert call.form == [("model", "gpt-image-1"), ("prompt", "add a hat"), ("n", "1"), ("size", "1024x1024"),
-                         ("quality", "low"), ("output_format", "png"), ("input_fidelity", "high"), ("user", "u7"),
+                         ("quality", "low"), ("output_format", "png"), ("input_fidelity", "high"),
+                         ("user", "u7"),
                          ("image", FilePart("image-0.png", "image/png", PNG)),
                          ("mask", FilePart("mask.png", "image/png", PNG + b"mask"))]
     assert [image.data for image in result.images] == fake.images
@@ -145,14 +148,15 @@ async def test_edit_with_mask_is_multipart(fake: FakeOpenAI, http: aiohttp.Clien
                                                                                   "text_tokens": 3}
 
 
-async def test_edit_with_several_images_uses_image_brackets(fake: FakeOpenAI, http: aiohttp.ClientSession) -> None:
+async def test_edit_with_several_images_uses_image_brackets(fake: FakeOpenAI,
+                                                             http: aiohttp.ClientSession) -> None:
     spec = ImageSpec(operation="edit", model="gpt-image-1", prompt="a gift basket of these", size="auto")
     images = [InputImage(PNG, "png"), InputImage(b"\xff\xd8\xff-a-jpeg", "jpeg")]
-    await run(http, openai_config(fake, **{"gpt-image-1": {}}), spec, images)
+    await run(http, openai_config(fake, "gpt-image-1"), spec, images)
 
     [call] = fake.calls
-    assert call.fields() == {"model": "gpt-image-1", "prompt": "a gift basket of these", "n": "1", "size": "auto",
-                             "output_format": "png"}
+    assert call.fields() == {"model": "gpt-image-1", "prompt": "a gift basket of these", "n": "1",
+                             "size": "auto", "output_format": "png"}
     assert call.files() == [("image[]", FilePart("image-0.png", "image/png", PNG)),
                             ("image[]", FilePart("image-1.jpeg", "image/jpeg", b"\xff\xd8\xff-a-jpeg"))]
 
@@ -160,18 +164,19 @@ async def test_edit_with_several_images_uses_image_brackets(fake: FakeOpenAI, ht
 async def test_variation_of_dall_e_2(fake: FakeOpenAI, http: aiohttp.ClientSession) -> None:
     spec = ImageSpec(operation="variation", model="dall-e-2", prompt="", n=2, size="512x512",
                      response_format="b64_json", user="u9")
-    result = await run(http, openai_config(fake, **{"dall-e-2": {}}), spec, [InputImage(PNG, "png")])
+    result = await run(http, openai_config(fake, "dall-e-2"), spec, [InputImage(PNG, "png")])
 
     [call] = fake.calls
     assert call.path == "/v1/images/variations"
-    assert call.form == [("model", "dall-e-2"), ("n", "2"), ("size", "512x512"), ("response_format", "b64_json"),
-                         ("user", "u9"), ("image", FilePart("image-0.png", "image/png", PNG))]
+    assert call.form == [("model", "dall-e-2"), ("n", "2"), ("size", "512x512"),
+                         ("response_format", "b64_json"), ("user", "u9"),
+                         ("image", FilePart("image-0.png", "image/png", PNG))]
     assert len(result.images) == 2
 
 
 async def test_operations_a_model_lacks_are_refused_before_any_call(fake: FakeOpenAI,
                                                                     http: aiohttp.ClientSession) -> None:
-    config = openai_config(fake, **{"gpt-image-1": {}, "dall-e-3": {}})
+    config = openai_config(fake, "gpt-image-1", "dall-e-3")
     with pytest.raises(UpstreamRejected) as variation:
         await run(http, config, ImageSpec(operation="variation", model="gpt-image-1", prompt="", size="auto"),
                   [InputImage(PNG, "png")])
@@ -183,12 +188,13 @@ async def test_operations_a_model_lacks_are_refused_before_any_call(fake: FakeOp
     assert fake.calls == []
 
 
-async def test_azure_deployment_urls_and_api_key_header(fake: FakeOpenAI, http: aiohttp.ClientSession) -> None:
+async def test_azure_deployment_urls_and_api_key_header(fake: FakeOpenAI,
+                                                         http: aiohttp.ClientSession) -> None:
     options = {"api_style": "azure", "api_version": "2025-04-01-preview", "deployment": "img-prod"}
-    config = openai_config(fake, options=options, **{"gpt-image-1": {}})
+    config = openai_config(fake, "gpt-image-1", options=options)
     result = await run(http, config, ImageSpec(model="gpt-image-1", prompt="a boat", size="1024x1024"))
-    await run(http, config, ImageSpec(operation="edit", model="gpt-image-1", prompt="a sail", size="1024x1024"),
-              [InputImage(PNG, "png")])
+    edit_spec = ImageSpec(operation="edit", model="gpt-image-1", prompt="a sail", size="1024x1024")
+    await run(http, config, edit_spec, [InputImage(PNG, "png")])
 
     generation, edit = fake.calls
     assert (generation.path, generation.query) == ("/openai/deployments/img-prod/images/generations",
@@ -214,6 +220,7 @@ async def test_azure_without_base_url_is_a_config_error(http: aiohttp.ClientSess
 
 
 LABEL = "Upstream 'oa' (openai, model 'gpt-image-1')"
+SPEC = ImageSpec(model="gpt-image-1", prompt="x", size="auto")
 SAFETY = ERROR_BODIES[400]["error"]["message"]
 
 
@@ -237,8 +244,8 @@ SAFETY = ERROR_BODIES[400]["error"]["message"]
      {"status": 502, "code": "upstream_rate_limited", "param": None, "retry_after": 7.0}),
     (429, None, {"retry-after-ms": "1500", "Retry-After": "2"}, UpstreamError,
      {"status": 502, "code": "upstream_rate_limited", "param": None, "retry_after": 1.5}),
-    (429, {"error": {"message": "You exceeded your current quota.", "type": "insufficient_quota", "param": None,
-                     "code": "insufficient_quota"}}, {}, UpstreamError,
+    (429, {"error": {"message": "You exceeded your current quota.", "type": "insufficient_quota",
+                     "param": None, "code": "insufficient_quota"}}, {}, UpstreamError,
      {"status": 502, "code": "upstream_account_error", "param": None, "retry_after": None}),
     (500, None, {}, UpstreamError,
      {"status": 502, "code": "upstream_error", "param": None, "retry_after": None,
@@ -248,11 +255,11 @@ SAFETY = ERROR_BODIES[400]["error"]["message"]
      {"status": 502, "code": "upstream_error", "param": None, "retry_after": None}),
 ])
 async def test_error_mapping(fake: FakeOpenAI, http: aiohttp.ClientSession, status: int, body: Any,
-                             headers: dict[str, str], kind: type[GatewayError], expected: dict[str, Any]) -> None:
+                             headers: dict[str, str], kind: type[GatewayError], expected: dict[str, Any]
+                             ) -> None:
     fake.fail(status, body, headers=headers)
     with pytest.raises(GatewayError) as caught:
-        await run(http, openai_config(fake, **{"gpt-image-1": {}}), ImageSpec(model="gpt-image-1", prompt="x",
-                                                                              size="auto"))
+        await run(http, openai_config(fake, "gpt-image-1"), SPEC)
     error = caught.value
     assert type(error) is kind
     got = {"status": error.status, "code": error.code, "param": error.param,
@@ -263,37 +270,38 @@ async def test_error_mapping(fake: FakeOpenAI, http: aiohttp.ClientSession, stat
 
 
 async def test_timeout_and_connection_reset(fake: FakeOpenAI, http: aiohttp.ClientSession) -> None:
-    config = openai_config(fake, timeout=0.3, **{"gpt-image-1": {}})
-    spec = ImageSpec(model="gpt-image-1", prompt="x", size="auto")
+    config = openai_config(fake, "gpt-image-1", timeout=0.3)
     fake.delay(5)
     with pytest.raises(UpstreamTimeout) as timeout:
-        await run(http, config, spec)
-    assert (timeout.value.status, timeout.value.message) == (504, f"{LABEL} timed out: no answer within 0.3 s")
+        await run(http, config, SPEC)
+    assert timeout.value.status == 504
+    assert timeout.value.message == f"{LABEL} timed out: no answer within 0.3 s"
     fake.reset()
     with pytest.raises(UpstreamError) as reset:
-        await run(http, config, spec)
+        await run(http, config, SPEC)
     assert (reset.value.status, reset.value.code) == (502, "upstream_unreachable")
     assert reset.value.message.startswith(f"{LABEL} failed: could not be reached (ClientOSError")
 
 
 async def test_downloads_are_capped(fake: FakeOpenAI, http: aiohttp.ClientSession) -> None:
-    config = openai_config(fake, options={"max_image_bytes": 50}, **{"dall-e-3": {}})
+    config = openai_config(fake, "dall-e-3", options={"max_image_bytes": 50})
     with pytest.raises(UpstreamError) as caught:
-        await run(http, config, ImageSpec(model="dall-e-3", prompt="x", size="1024x1024", response_format="url"))
+        await run(http, config, ImageSpec(model="dall-e-3", prompt="x", size="1024x1024",
+                                          response_format="url"))
     assert caught.value.code == "upstream_answer_too_large"
 
 
-# ---- the official SDK, through the gateway, to the fake -------------------------------------------------------
+# ---- the official SDK, through the gateway, to the fake --------------------------------------------------
 
 async def test_sdk_through_gateway_b64_and_url(fake: FakeOpenAI, gateway_factory: GatewayFactory,
                                                http: aiohttp.ClientSession) -> None:
-    config = openai_config(fake, **{"gpt-image-1": {"family": "gpt-image"}, "dall-e-3": {"family": "dall-e-3"}})
+    config = openai_config(fake, "gpt-image-1", "dall-e-3")
     gateway = await gateway_factory(config=config)
     client = gateway.client()
 
-    gpt = await client.images.generate(model="gpt-image-1", prompt="a red fox", size="1024x1536", quality="low",
-                                       output_format="png", response_format="b64_json")
-    assert base64.b64decode(gpt.data[0].b64_json or "") == fake.images[0]
+    gpt = await client.images.generate(model="gpt-image-1", prompt="a red fox", size="1024x1536",
+                                       quality="low", output_format="png", response_format="b64_json")
+    assert gpt.data is not None and base64.b64decode(gpt.data[0].b64_json or "") == fake.images[0]
     assert gpt.usage is not None and (gpt.usage.input_tokens, gpt.usage.output_tokens) == (3, 272)
     assert (gpt.size, gpt.quality, gpt.output_format) == ("1024x1536", "low", "png")
     assert fake.calls[0].json == {"model": "gpt-image-1", "prompt": "a red fox", "n": 1, "size": "1024x1536",
@@ -301,6 +309,7 @@ async def test_sdk_through_gateway_b64_and_url(fake: FakeOpenAI, gateway_factory
 
     # DALL·E answers with a link; the gateway fetches it and serves the image from its own storage
     dalle = await client.images.generate(model="dall-e-3", prompt="a lighthouse", response_format="url")
+    assert dalle.data is not None
     link = dalle.data[0].url or ""
     assert link.startswith(gateway.url) and "/v1/files/" in link
     async with http.get(link) as resp:
@@ -312,5 +321,6 @@ async def test_sdk_through_gateway_b64_and_url(fake: FakeOpenAI, gateway_factory
     assert fake.calls[2].method == "GET"
 
     dalle_b64 = await client.images.generate(model="dall-e-3", prompt="a harbour", response_format="b64_json")
+    assert dalle_b64.data is not None
     assert base64.b64decode(dalle_b64.data[0].b64_json or "") == fake.images[2]
     assert fake.calls[3].json is not None and fake.calls[3].json["response_format"] == "b64_json"

@@ -17,6 +17,7 @@ from service.settings import GatewayConfig
 from tests.conftest import Gateway, GatewayFactory
 from tests.fakes.openai import API_KEY, FakeOpenAI
 
+Fakes = tuple[FakeOpenAI, FakeOpenAI]
 FAST_RETRY = {"attempts": 3, "backoff": 0.01, "max_backoff": 0.05, "cooldown": 30.0}
 
 
@@ -27,7 +28,7 @@ def api_keys(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture
-async def fakes() -> AsyncIterator[tuple[FakeOpenAI, FakeOpenAI]]:
+async def fakes() -> AsyncIterator[Fakes]:
     async with FakeOpenAI() as a, FakeOpenAI() as b:
         yield a, b
 
@@ -51,12 +52,14 @@ def routed_config(*upstreams: FakeOpenAI, retry: dict[str, Any] | None = None,
 
 
 async def generate(gateway: Gateway) -> bytes:
-    result = await gateway.client().images.generate(model="gpt-image-1", prompt="a quiet harbour", size="1024x1024")
+    client = gateway.client()
+    result = await client.images.generate(model="gpt-image-1", prompt="a quiet harbour", size="1024x1024")
+    assert result.data is not None
     return base64.b64decode(result.data[0].b64_json or "")
 
 
 async def test_503_on_the_first_deployment_every_request_succeeds_through_the_second(
-        fakes: tuple[FakeOpenAI, FakeOpenAI], gateway_factory: GatewayFactory, caplog: pytest.LogCaptureFixture
+        fakes: Fakes, gateway_factory: GatewayFactory, caplog: pytest.LogCaptureFixture
 ) -> None:
     a, b = fakes
     a.fail(503, times=100)
@@ -74,8 +77,8 @@ async def test_503_on_the_first_deployment_every_request_succeeds_through_the_se
     assert len(attempts) == 11 and API_KEY not in "".join(attempts)
 
 
-async def test_concurrent_requests_survive_a_failing_deployment(fakes: tuple[FakeOpenAI, FakeOpenAI],
-                                                               gateway_factory: GatewayFactory) -> None:
+async def test_concurrent_requests_survive_a_failing_deployment(fakes: Fakes,
+                                                                gateway_factory: GatewayFactory) -> None:
     a, b = fakes
     a.fail(500, times=100)
     gateway = await gateway_factory(config=routed_config(a, b))
@@ -84,8 +87,8 @@ async def test_concurrent_requests_survive_a_failing_deployment(fakes: tuple[Fak
     assert 1 <= len(a.image_calls) < 10
 
 
-async def test_a_timing_out_deployment_falls_back_to_the_second(fakes: tuple[FakeOpenAI, FakeOpenAI],
-                                                               gateway_factory: GatewayFactory) -> None:
+async def test_a_timing_out_deployment_falls_back_to_the_second(fakes: Fakes,
+                                                                gateway_factory: GatewayFactory) -> None:
     a, b = fakes
     a.delay(10, times=100)
     gateway = await gateway_factory(config=routed_config(a, b, deployments=[{"timeout": 0.4}, {}]))
@@ -96,8 +99,8 @@ async def test_a_timing_out_deployment_falls_back_to_the_second(fakes: tuple[Fak
     assert time.monotonic() - started < 5  # one timeout paid, not ten
 
 
-async def test_a_request_the_upstream_rejects_is_tried_exactly_once(fakes: tuple[FakeOpenAI, FakeOpenAI],
-                                                                   gateway_factory: GatewayFactory) -> None:
+async def test_a_request_the_upstream_rejects_is_tried_exactly_once(fakes: Fakes,
+                                                                    gateway_factory: GatewayFactory) -> None:
     a, b = fakes
     a.fail(400, times=5)
     b.fail(400, times=5)
@@ -107,14 +110,13 @@ async def test_a_request_the_upstream_rejects_is_tried_exactly_once(fakes: tuple
     assert len(a.image_calls) + len(b.image_calls) == 1
     assert caught.value.status_code == 400
     assert caught.value.body == {
-        "message": "Upstream 'a' (openai, model 'gpt-image-1') rejected the request: HTTP 400: Your request was "
-                   "rejected as a result of our safety system. Your prompt may contain text that is not allowed "
-                   "by our safety system. [content_policy_violation]",
+        "message": "Upstream 'a' (openai, model 'gpt-image-1') rejected the request: HTTP 400: Your request "
+                   "was rejected as a result of our safety system. Your prompt may contain text that is not "
+                   "allowed by our safety system. [content_policy_violation]",
         "type": "invalid_request_error", "param": "prompt", "code": "content_policy_violation"}
 
 
-async def test_retry_after_of_a_429_is_honoured(fakes: tuple[FakeOpenAI, FakeOpenAI],
-                                                gateway_factory: GatewayFactory) -> None:
+async def test_retry_after_of_a_429_is_honoured(fakes: Fakes, gateway_factory: GatewayFactory) -> None:
     a, _ = fakes
     a.fail(429, headers={"Retry-After": "1"})
     gateway = await gateway_factory(config=routed_config(a))
@@ -123,8 +125,9 @@ async def test_retry_after_of_a_429_is_honoured(fakes: tuple[FakeOpenAI, FakeOpe
     assert 1.0 <= second.at - first.at < 2.0  # the backoff alone would have waited 0.05 s at most
 
 
-async def test_a_retry_after_beyond_the_model_timeout_is_not_waited_for(fakes: tuple[FakeOpenAI, FakeOpenAI],
-                                                                        gateway_factory: GatewayFactory) -> None:
+async def test_a_retry_after_beyond_the_model_timeout_is_not_waited_for(
+        fakes: Fakes, gateway_factory: GatewayFactory
+) -> None:
     a, _ = fakes
     a.fail(429, headers={"Retry-After": "60"})
     config = routed_config(a)
@@ -138,8 +141,8 @@ async def test_a_retry_after_beyond_the_model_timeout_is_not_waited_for(fakes: t
     assert caught.value.body["code"] == "upstream_rate_limited"  # type: ignore[index]
 
 
-async def test_cooldown_skips_a_failed_deployment_until_it_ends(fakes: tuple[FakeOpenAI, FakeOpenAI],
-                                                               gateway_factory: GatewayFactory) -> None:
+async def test_cooldown_skips_a_failed_deployment_until_it_ends(fakes: Fakes,
+                                                                gateway_factory: GatewayFactory) -> None:
     a, b = fakes
     a.fail(500)  # one failure only: a is healthy again at once, yet skipped while cooling down
     gateway = await gateway_factory(config=routed_config(a, b, retry={**FAST_RETRY, "cooldown": 0.8}))
@@ -152,7 +155,7 @@ async def test_cooldown_skips_a_failed_deployment_until_it_ends(fakes: tuple[Fak
     assert (len(a.image_calls), len(b.image_calls)) == (3, 6)  # equal weights share again
 
 
-async def test_weights_spread_load(fakes: tuple[FakeOpenAI, FakeOpenAI], gateway_factory: GatewayFactory) -> None:
+async def test_weights_spread_load(fakes: Fakes, gateway_factory: GatewayFactory) -> None:
     a, b = fakes
     gateway = await gateway_factory(config=routed_config(a, b, deployments=[{"weight": 3}, {"weight": 1}]))
     for _ in range(8):
@@ -160,8 +163,7 @@ async def test_weights_spread_load(fakes: tuple[FakeOpenAI, FakeOpenAI], gateway
     assert (len(a.image_calls), len(b.image_calls)) == (6, 2)
 
 
-async def test_max_concurrency_limits_calls_in_flight(fakes: tuple[FakeOpenAI, FakeOpenAI],
-                                                      gateway_factory: GatewayFactory) -> None:
+async def test_max_concurrency_limits_calls_in_flight(fakes: Fakes, gateway_factory: GatewayFactory) -> None:
     a, _ = fakes
     a.delay(0.3, times=6)
     gateway = await gateway_factory(config=routed_config(a, deployments=[{"max_concurrency": 2}]))
@@ -170,7 +172,7 @@ async def test_max_concurrency_limits_calls_in_flight(fakes: tuple[FakeOpenAI, F
     assert a.peak == 2
 
 
-async def test_when_every_upstream_fails_the_error_names_them_all(fakes: tuple[FakeOpenAI, FakeOpenAI],
+async def test_when_every_upstream_fails_the_error_names_them_all(fakes: Fakes,
                                                                   gateway_factory: GatewayFactory) -> None:
     a, b = fakes
     a.fail(503, times=10)
@@ -180,17 +182,20 @@ async def test_when_every_upstream_fails_the_error_names_them_all(fakes: tuple[F
         await generate(gateway)
     assert caught.value.status_code == 502
     error = caught.value.body
-    assert isinstance(error, dict) and error["type"] == "upstream_error" and error["code"] == "upstreams_failed"
+    assert isinstance(error, dict)
+    assert (error["type"], error["code"]) == ("upstream_error", "upstreams_failed")
     message = error["message"]
     # a, then b, then whichever backoff ends first: three attempts, each named with its reason
-    assert message.startswith("No upstream could serve model 'gpt-image-1' after 3 attempts: (1) Upstream 'a' "
-                              "(openai, model 'gpt-image-1') failed: HTTP 503: The engine is currently overloaded")
-    assert "(2) Upstream 'b' (openai, model 'gpt-image-1') failed: could not be reached (ClientOSError" in message
+    assert message.startswith("No upstream could serve model 'gpt-image-1' after 3 attempts: (1) Upstream "
+                              "'a' (openai, model 'gpt-image-1') failed: HTTP 503: The engine is currently "
+                              "overloaded")
+    assert ("(2) Upstream 'b' (openai, model 'gpt-image-1') failed: could not be reached (ClientOSError"
+            in message)
     assert "; (3) Upstream '" in message
     assert len(a.image_calls) + len(b.image_calls) == 3 and API_KEY not in message
 
 
-async def test_rejected_credentials_fall_back_and_are_not_retried(fakes: tuple[FakeOpenAI, FakeOpenAI],
+async def test_rejected_credentials_fall_back_and_are_not_retried(fakes: Fakes,
                                                                   gateway_factory: GatewayFactory) -> None:
     a, b = fakes
     config = routed_config(a, b, key_envs=["WRONG_OPENAI_KEY", "FAKE_OPENAI_KEY"])

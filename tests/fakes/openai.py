@@ -8,9 +8,9 @@ OpenAI REST reference for deployment URLs:
 * ``POST /openai/deployments/{deployment}/images/{generations|edits}?api-version=...`` authenticated with
   ``api-key``, as Azure OpenAI.
 * GPT Image models always answer ``b64_json`` with ``usage``, ``size``, ``quality``, ``background`` and
-  ``output_format``; they refuse ``response_format`` like the real API. DALL·E models answer ``url`` by default
-  (a link to ``GET /files/...`` on this server, no auth, like OpenAI's signed blob links) or ``b64_json``,
-  and DALL·E 3 adds a ``revised_prompt``.
+  ``output_format``; they refuse ``response_format`` like the real API. DALL·E models answer ``url`` by
+  default (a link to ``GET /files/...`` on this server, no auth, like OpenAI's signed blob links) or
+  ``b64_json``, and DALL·E 3 adds a ``revised_prompt``.
 * Errors use OpenAI's body ``{"error": {"message", "type", "param", "code"}}`` (Azure's own shape for a bad
   key). Failures are scripted for the next calls: ``fail(status)``, ``delay(seconds)``, ``reset()``.
 
@@ -45,24 +45,25 @@ IMAGE_SIZE = (32, 24)
 ERROR_BODIES: dict[int, dict[str, Any]] = {
     400: {"error": {"message": "Your request was rejected as a result of our safety system. Your prompt may "
                                "contain text that is not allowed by our safety system.",
-                    "type": "image_generation_user_error", "param": None, "code": "content_policy_violation"}},
+                    "type": "image_generation_user_error", "param": None,
+                    "code": "content_policy_violation"}},
     401: {"error": {"message": "Incorrect API key provided: sk-wro***ong. You can find your API key at "
                                "https://platform.openai.com/account/api-keys.",
                     "type": "invalid_request_error", "param": None, "code": "invalid_api_key"}},
     403: {"error": {"message": "Project does not have access to model gpt-image-1.",
                     "type": "invalid_request_error", "param": None, "code": "model_not_found"}},
-    429: {"error": {"message": "Rate limit reached for gpt-image-1 on images per minute (IPM): Limit 5, Used 5, "
-                               "Requested 1. Please try again in 12s.",
+    429: {"error": {"message": "Rate limit reached for gpt-image-1 on images per minute (IPM): Limit 5, "
+                               "Used 5, Requested 1. Please try again in 12s.",
                     "type": "requests", "param": None, "code": "rate_limit_exceeded"}},
     500: {"error": {"message": "The server had an error while processing your request. Sorry about that!",
                     "type": "server_error", "param": None, "code": None}},
     503: {"error": {"message": "The engine is currently overloaded, please try again later.",
                     "type": "server_error", "param": None, "code": None}},
 }
-AZURE_BAD_KEY = {"error": {"code": "401", "message": "Access denied due to invalid subscription key or wrong API "
-                                                     "endpoint. Make sure to provide a valid key for an active "
-                                                     "subscription and use a correct regional API endpoint for "
-                                                     "your resource."}}
+AZURE_BAD_KEY = {"error": {"code": "401",
+                           "message": "Access denied due to invalid subscription key or wrong API endpoint. "
+                                      "Make sure to provide a valid key for an active subscription and use a "
+                                      "correct regional API endpoint for your resource."}}
 
 
 @dataclass
@@ -112,7 +113,7 @@ def error(status: int, message: str, param: str | None = None, code: str | None 
 
 
 class FakeOpenAI:
-    """`async with FakeOpenAI() as fake:` then point a provider at `fake.base_url` (or `fake.url` for Azure)."""
+    """`async with FakeOpenAI() as fake:`, then point a provider at `fake.base_url` (Azure: `fake.url`)."""
 
     def __init__(self, api_key: str = API_KEY) -> None:
         self.api_key = api_key
@@ -156,11 +157,12 @@ class FakeOpenAI:
         await self._runner.cleanup()
 
     # scripting --------------------------------------------------------------------------------------------
-    def fail(self, status: int, body: Any = None, *, times: int = 1, headers: dict[str, str] | None = None) -> None:
+    def fail(self, status: int, body: Any = None, *, times: int = 1, headers: dict[str, str] | None = None
+             ) -> None:
         """The next `times` calls answer `status` with `body` (default: OpenAI's own body for that status)."""
         for _ in range(times):
-            self.script.append(Scripted(status=status, body=body if body is not None else ERROR_BODIES[status],
-                                        headers=headers or {}))
+            self.script.append(Scripted(status=status, headers=headers or {},
+                                        body=body if body is not None else ERROR_BODIES[status]))
 
     def delay(self, seconds: float, *, times: int = 1) -> None:
         for _ in range(times):
@@ -189,8 +191,8 @@ class FakeOpenAI:
                 if part.filename is None:
                     call.form.append((part.name or "", data.decode()))
                 else:
-                    call.form.append((part.name or "", FilePart(part.filename,
-                                                                part.headers.get("Content-Type", ""), bytes(data))))
+                    upload = FilePart(part.filename, part.headers.get("Content-Type", ""), bytes(data))
+                    call.form.append((part.name or "", upload))
         self.calls.append(call)
         return call
 
@@ -279,9 +281,11 @@ class FakeOpenAI:
         if operation == "variations" and kind != "dall-e-2":
             return error(400, "Variations are only supported for dall-e-2.", param="model")
         if operation != "variations" and not body.get("prompt"):
-            return error(400, "Missing required parameter: 'prompt'.", param="prompt", code="missing_required_parameter")
+            return error(400, "Missing required parameter: 'prompt'.", param="prompt",
+                         code="missing_required_parameter")
         if operation != "generations" and not body.get("images"):
-            return error(400, "Missing required parameter: 'image'.", param="image", code="missing_required_parameter")
+            return error(400, "Missing required parameter: 'image'.", param="image",
+                         code="missing_required_parameter")
         if kind == "gpt-image" and "response_format" in body:
             return error(400, "Unknown parameter: 'response_format'.", param="response_format",
                          code="unknown_parameter")
@@ -299,7 +303,8 @@ class FakeOpenAI:
                           quality=body.get("quality") or "medium", size=body.get("size") or "1024x1024",
                           usage={"input_tokens": text_tokens + image_tokens, "output_tokens": 272 * n,
                                  "total_tokens": text_tokens + image_tokens + 272 * n,
-                                 "input_tokens_details": {"image_tokens": image_tokens, "text_tokens": text_tokens}})
+                                 "input_tokens_details": {"image_tokens": image_tokens,
+                                                          "text_tokens": text_tokens}})
         else:
             items = []
             for image in data:
