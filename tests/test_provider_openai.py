@@ -4,11 +4,13 @@ then the official SDK through the gateway to the fake, in both response formats.
 from __future__ import annotations
 
 import base64
+import io
 from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
 import pytest
+from PIL import Image
 
 from service.errors import GatewayError, UpstreamError, UpstreamRejected, UpstreamTimeout
 from service.schemas import ImageSpec
@@ -324,3 +326,39 @@ async def test_sdk_through_gateway_b64_and_url(fake: FakeOpenAI, gateway_factory
     assert dalle_b64.data is not None
     assert base64.b64decode(dalle_b64.data[0].b64_json or "") == fake.images[2]
     assert fake.calls[3].json is not None and fake.calls[3].json["response_format"] == "b64_json"
+
+
+def picture(color: tuple[int, int, int, int], size: tuple[int, int] = (64, 64)) -> bytes:
+    out = io.BytesIO()
+    Image.new("RGBA", size, color).save(out, "PNG")
+    return out.getvalue()
+
+
+async def test_sdk_edit_and_variation_through_gateway(fake: FakeOpenAI,
+                                                     gateway_factory: GatewayFactory) -> None:
+    gateway = await gateway_factory(config=openai_config(fake, "gpt-image-1", "dall-e-2"))
+    client = gateway.client()
+    first, second, mask = picture((200, 0, 0, 255)), picture((0, 0, 200, 255)), picture((0, 0, 0, 0))
+
+    edited = await client.images.edit(model="gpt-image-1", prompt="put them in a basket",
+                                      image=[("a.png", first, "image/png"), ("b.png", second, "image/png")],
+                                      mask=("mask.png", mask, "image/png"), input_fidelity="high")
+    assert edited.data is not None and base64.b64decode(edited.data[0].b64_json or "") == fake.images[0]
+    [edit] = fake.image_calls
+    assert edit.path == "/v1/images/edits"
+    assert edit.fields() == {"model": "gpt-image-1", "prompt": "put them in a basket", "n": "1",
+                             "size": "auto", "output_format": "png", "input_fidelity": "high"}
+    assert edit.files() == [("image[]", FilePart("image-0.png", "image/png", first)),
+                            ("image[]", FilePart("image-1.png", "image/png", second)),
+                            ("mask", FilePart("mask.png", "image/png", mask))]
+    assert edited.usage is not None and edited.usage.input_tokens_details.image_tokens == 130
+
+    with pytest.warns(DeprecationWarning):  # the SDK marks variations deprecated; the API still has them
+        varied = await client.images.create_variation(model="dall-e-2", image=("a.png", first, "image/png"),
+                                                      n=2, size="256x256", response_format="b64_json")
+    assert varied.data is not None
+    assert [base64.b64decode(d.b64_json or "") for d in varied.data] == fake.images[1:]
+    variation = fake.image_calls[1]
+    assert variation.form == [("model", "dall-e-2"), ("n", "2"), ("size", "256x256"),
+                              ("response_format", "b64_json"),
+                              ("image", FilePart("image-0.png", "image/png", first))]
