@@ -36,8 +36,10 @@ async def ark(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[FakeArk]:
 def ark_config(fake: FakeArk, attempts: int = 1, **options: Any) -> GatewayConfig:
     retry = {"attempts": attempts, "backoff": 0.01}
     return GatewayConfig.model_validate({
-        "providers": {"ark": {"type": "doubao", "base_url": fake.url, "api_key_env": KEY_ENV, "options": options},
-                      "local": {"type": "local"}},
+        "providers": {
+            "ark": {"type": "doubao", "base_url": fake.url, "api_key_env": KEY_ENV, "options": options},
+            "local": {"type": "local"},
+        },
         "models": {
             "seedream-4": {"family": "seedream", "retry": retry,
                            "deployments": [{"provider": "ark", "model": SEEDREAM_4}]},
@@ -54,7 +56,7 @@ Opener = Callable[..., Awaitable[tuple[Gateway, openai.AsyncOpenAI]]]
 
 @pytest.fixture
 async def open_gateway(ark: FakeArk, gateway_factory: GatewayFactory) -> AsyncIterator[Opener]:
-    """`gateway, client = await open_gateway(attempts, **provider_options)`: a gateway in front of the fake."""
+    """`gateway, client = await open_gateway(attempts, **provider_options)`: a gateway before the fake."""
     clients: list[openai.AsyncOpenAI] = []
 
     async def open_(attempts: int = 1, **options: Any) -> tuple[Gateway, openai.AsyncOpenAI]:
@@ -95,7 +97,8 @@ async def call_adapter(fake: FakeArk, *, model: str = SEEDREAM_4, options: dict[
                        ) -> ProviderResult:
     """The adapter on its own, with a real HTTP session against the fake: what the router would get."""
     config = ProviderConfig(type="doubao", base_url=fake.url, api_key_env=KEY_ENV, options=options or {})
-    deployment = Deployment.resolve("seedream", 0, "ark", config, DeploymentConfig(provider="ark", model=model))
+    deployment = Deployment.resolve("seedream", 0, "ark", config, DeploymentConfig(provider="ark",
+                                                                                   model=model))
     values = {"model": "seedream", "prompt": "a red fox", "size": "1K", **spec}
     async with aiohttp.ClientSession() as http:
         provider = DoubaoProvider("ark", config, http)
@@ -104,14 +107,14 @@ async def call_adapter(fake: FakeArk, *, model: str = SEEDREAM_4, options: dict[
         return await provider.generate(request, deployment, Progress())
 
 
-# --- generation through the SDK -------------------------------------------------------------------------------
+# --- generation through the SDK -----------------------------------------------------------------------------
 
 @pytest.mark.parametrize(("size", "dims"), [("1K", (1024, 1024)), ("2K", (2048, 2048)), ("4K", (4096, 4096)),
                                             ("2560x1440", (2560, 1440)), ("1280x720", (1280, 720))])
 async def test_sdk_generation_sends_arks_request_and_gets_the_image(
         ark: FakeArk, open_gateway: Opener, size: str, dims: tuple[int, int]) -> None:
     gateway, client = await open_gateway()
-    result = await client.images.generate(model="seedream-4", prompt="a red fox in snow", size=size,  # type: ignore[arg-type]
+    result = await client.images.generate(model="seedream-4", prompt="a red fox in snow", size=size,
                                                     extra_body={"seed": 42, "watermark": True})
     [call] = ark.posts
     assert call.path == "/api/v3/images/generations" and call.query == {}
@@ -133,9 +136,9 @@ async def test_sdk_generation_sends_arks_request_and_gets_the_image(
 
 async def test_watermark_defaults_to_the_deployment_option(ark: FakeArk, open_gateway: Opener) -> None:
     _, client = await open_gateway()
-    plain = await client.images.generate(model="seedream-4", prompt="a lake", size="1K")  # type: ignore[arg-type]
+    plain = await client.images.generate(model="seedream-4", prompt="a lake", size="1K")
     _, client = await open_gateway(watermark=True)
-    marked = await client.images.generate(model="seedream-4", prompt="a lake", size="1K")  # type: ignore[arg-type]
+    marked = await client.images.generate(model="seedream-4", prompt="a lake", size="1K")
     assert [call.json["watermark"] for call in ark.posts] == [False, True]
     assert "seed" not in ark.posts[0].json
     assert picture(plain.data[0].b64_json).getpixel((1023, 1023)) != WHITE
@@ -144,7 +147,7 @@ async def test_watermark_defaults_to_the_deployment_option(ark: FakeArk, open_ga
 
 async def test_n_images_come_from_one_sequential_call(ark: FakeArk, open_gateway: Opener) -> None:
     _, client = await open_gateway()
-    result = await client.images.generate(model="seedream-4", prompt="four seasons", size="1K", n=3)  # type: ignore[arg-type]
+    result = await client.images.generate(model="seedream-4", prompt="four seasons", size="1K", n=3)
     [call] = ark.posts
     assert call.json["sequential_image_generation"] == "auto"
     assert call.json["sequential_image_generation_options"] == {"max_images": 3}
@@ -157,7 +160,7 @@ async def test_a_sequential_shortfall_is_made_up_by_single_calls(ark: FakeArk, o
                                                                  ) -> None:
     ark.sequential_limit = 1  # the model drew one picture where three were allowed
     _, client = await open_gateway()
-    result = await client.images.generate(model="seedream-4", prompt="three cats", size="1K", n=3,  # type: ignore[arg-type]
+    result = await client.images.generate(model="seedream-4", prompt="three cats", size="1K", n=3,
                                           extra_body={"seed": 7})
     first, *rest = ark.posts
     assert first.json["sequential_image_generation_options"] == {"max_images": 3} and first.json["seed"] == 7
@@ -171,19 +174,20 @@ async def test_a_sequential_shortfall_is_made_up_by_single_calls(ark: FakeArk, o
 
 async def test_a_model_without_sequential_mode_fans_out(ark: FakeArk, open_gateway: Opener) -> None:
     _, client = await open_gateway()
-    result = await client.images.generate(model="seedream-3", prompt="two boats", size="1280x720", n=2,  # type: ignore[arg-type]
+    result = await client.images.generate(model="seedream-3", prompt="two boats", size="1280x720", n=2,
                                           extra_body={"seed": 5})
     assert len(ark.posts) == 2 and len(result.data) == 2
     for call in ark.posts:
         assert call.json["model"] == SEEDREAM_3 and "sequential_image_generation" not in call.json
     assert sorted(call.json["seed"] for call in ark.posts) == [5, 6]
-    assert picture(result.data[0].b64_json).getpixel((0, 0)) != picture(result.data[1].b64_json).getpixel((0, 0))
+    first, second = (picture(item.b64_json).getpixel((0, 0)) for item in result.data)
+    assert first != second
 
 
 async def test_url_answers_are_downloaded_and_served_by_the_gateway(
         ark: FakeArk, open_gateway: Opener, http: aiohttp.ClientSession) -> None:
     gateway, client = await open_gateway(response_format="url")
-    result = await client.images.generate(model="seedream-4", prompt="a kite", size="1K", n=2,  # type: ignore[arg-type]
+    result = await client.images.generate(model="seedream-4", prompt="a kite", size="1K", n=2,
                                                     response_format="url")
     [call] = ark.posts
     assert call.json["response_format"] == "url"
@@ -201,17 +205,17 @@ async def test_url_answers_are_downloaded_and_served_by_the_gateway(
 async def test_an_oversized_image_link_is_refused(ark: FakeArk, open_gateway: Opener) -> None:
     _, client = await open_gateway(response_format="url", max_image_bytes=200)
     with pytest.raises(openai.APIStatusError) as caught:
-        await client.images.generate(model="seedream-4", prompt="a kite", size="1K")  # type: ignore[arg-type]
+        await client.images.generate(model="seedream-4", prompt="a kite", size="1K")
     assert caught.value.status_code == 502
-    assert caught.value.body["code"] == "upstream_answer_too_large"  # type: ignore[index]
+    assert caught.value.body["code"] == "upstream_answer_too_large"
 
 
-# --- edits ----------------------------------------------------------------------------------------------------
+# --- edits --------------------------------------------------------------------------------------------------
 
 async def test_sdk_edit_sends_the_inputs_as_data_urls(ark: FakeArk, open_gateway: Opener) -> None:
     first, second = input_png((10, 120, 200)), input_png((200, 30, 40), (30, 40))
     _, client = await open_gateway()
-    result = await client.images.edit(model="seedream-4", prompt="make it dusk", size="1K",  # type: ignore[arg-type]
+    result = await client.images.edit(model="seedream-4", prompt="make it dusk", size="1K",
                                       image=[("a.png", first, "image/png"), ("b.png", second, "image/png")])
     [call] = ark.posts
     assert call.json["image"] == [f"data:image/png;base64,{base64.b64encode(data).decode()}"
@@ -235,7 +239,7 @@ async def test_an_edit_with_a_mask_is_refused_before_any_call(ark: FakeArk) -> N
     assert ark.calls == []
 
 
-# --- validation before any call -------------------------------------------------------------------------------
+# --- validation before any call -----------------------------------------------------------------------------
 
 @pytest.mark.parametrize(("params", "param"), [
     ({"size": "1024x768"}, "size"),  # fewer than 1280x720 pixels
@@ -249,7 +253,7 @@ async def test_parameters_seedream_lacks_are_refused_naming_them(
     _, client = await open_gateway()
     with pytest.raises(openai.BadRequestError) as caught:
         await client.images.generate(model="seedream-4", prompt="a fox", **params)
-    assert caught.value.body["param"] == param  # type: ignore[index]
+    assert caught.value.body["param"] == param
     assert ark.calls == []
 
 
@@ -257,11 +261,12 @@ async def test_other_families_refuse_watermark(ark: FakeArk, open_gateway: Opene
     _, client = await open_gateway()
     with pytest.raises(openai.BadRequestError) as caught:
         await client.images.generate(model="local", prompt="a fox", extra_body={"watermark": False})
-    assert caught.value.body == {"message": "'watermark' is not supported by model 'local'.",  # type: ignore[comparison-overlap]
-                                 "type": "invalid_request_error", "param": "watermark", "code": "unsupported_parameter"}
+    assert caught.value.body == {"message": "'watermark' is not supported by model 'local'.",
+                                 "type": "invalid_request_error", "param": "watermark",
+                                 "code": "unsupported_parameter"}
 
 
-# --- failures -------------------------------------------------------------------------------------------------
+# --- failures -----------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize(("code", "status", "error_code"), [
     ("AuthenticationError", 502, "upstream_auth_failed"),
@@ -289,7 +294,7 @@ async def test_a_safety_refusal_is_a_400_with_the_reason(ark: FakeArk, open_gate
     ark.fail("InputTextSensitiveContentDetected", times=5)
     _, client = await open_gateway(attempts=3)
     with pytest.raises(openai.BadRequestError) as caught:
-        await client.images.generate(model="seedream-4", prompt="something forbidden", size="1K")  # type: ignore[arg-type]
+        await client.images.generate(model="seedream-4", prompt="something forbidden", size="1K")
     body = caught.value.body
     assert isinstance(body, dict)
     assert body["code"] == "content_policy_violation" and body["param"] == "prompt"
@@ -333,7 +338,7 @@ async def test_a_bad_key_is_a_502_that_keeps_the_key_secret(ark: FakeArk, open_g
 async def test_a_rate_limit_is_retried_after_retry_after(ark: FakeArk, open_gateway: Opener) -> None:
     ark.fail("RateLimitExceeded", retry_after="1")
     _, client = await open_gateway(attempts=2)
-    result = await client.images.generate(model="seedream-4", prompt="a fox", size="1K")  # type: ignore[arg-type]
+    result = await client.images.generate(model="seedream-4", prompt="a fox", size="1K")
     assert len(result.data) == 1
     first, second = ark.posts
     assert second.at - first.at >= 1.0
