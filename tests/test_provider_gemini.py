@@ -100,6 +100,16 @@ async def test_n_fans_out_into_parallel_calls_with_distinct_seeds(fake: FakeGemi
                             "input_tokens_details": {"text_tokens": 3 * words, "image_tokens": 0}}
 
 
+async def test_a_deployment_may_ask_for_several_candidates_a_call(fake: FakeGemini,
+                                                                   http: aiohttp.ClientSession) -> None:
+    result = await generate(http, fake.url, spec(n=3), images_per_call=2)
+    configs = sorted((call.json["generationConfig"] for call in fake.calls), key=len)
+    assert configs == [{"responseModalities": ["TEXT", "IMAGE"]},
+                       {"responseModalities": ["TEXT", "IMAGE"], "candidateCount": 2}]
+    assert sorted(image.data for image in result.images) == sorted(fake.images) and len(fake.images) == 3
+    assert result.usage is not None and result.usage["output_tokens"] == 3 * IMAGE_OUTPUT_TOKENS
+
+
 @pytest.mark.parametrize(("size", "ratio"), [
     ("1024x1024", "1:1"), ("1024x1536", "2:3"), ("1536x1024", "3:2"), ("1024x1792", "9:16"),
     ("1792x1024", "16:9"), ("2560x1080", "21:9"), ("1200x1000", "5:4"), ("768x1024", "3:4"),
@@ -367,3 +377,20 @@ async def test_sdk_sees_a_bad_key_as_502_without_the_key(fake: FakeGemini, gatew
     assert "AIza-secret-but-wrong" not in failed.value.response.text
     assert "Upstream 'google'" in failed.value.response.text
     assert "API key not valid" in failed.value.response.text
+
+
+async def test_sdk_edit_reaches_gemini_with_image_and_mask(fake: FakeGemini,
+                                                           gateway_factory: GatewayFactory) -> None:
+    gateway = await gateway_factory(config=gateway_config(fake.url))
+    photo, canvas = png(320, 240, "photo"), Image.new("RGBA", (320, 240), (0, 0, 0, 255))
+    canvas.paste((0, 0, 0, 0), (100, 60, 220, 180))  # the transparent hole to repaint
+    out = io.BytesIO()
+    canvas.save(out, "PNG")
+    mask = out.getvalue()
+    result = await gateway.client().images.edit(model="nano-banana", prompt="add a moon",
+                                                image=("photo.png", photo, "image/png"),
+                                                mask=("mask.png", mask, "image/png"))
+    parts = fake.calls[0].json["contents"][0]["parts"]
+    assert parts[0] == {"text": "add a moon"} and parts[-1] == {"text": MASK_INSTRUCTION}
+    assert [base64.b64decode(p["inlineData"]["data"]) for p in parts[1:3]] == [photo, mask]
+    assert base64.b64decode(result.data[0].b64_json or "") == fake.images[0] and result.size == "320x240"

@@ -4,10 +4,10 @@ Modelled on the Gemini API reference (REST v1beta) and its image-generation guid
 
 * ``POST /v1beta/models/{model}:generateContent`` for the Gemini image models: ``contents[].parts`` of
   ``text`` and ``inlineData`` / ``inline_data`` images, ``generationConfig.responseModalities`` (without
-  ``IMAGE`` the model only talks) and ``imageConfig.aspectRatio`` / ``imageSize``. Answers one candidate
-  with a text part and an ``inlineData`` PNG drawn at the 1K pixel size Google lists for the ratio (an edit
-  without a ratio keeps the first input's size), ``finishReason: STOP`` and ``usageMetadata`` (258 tokens
-  per input image, 1290 per output image, as Google counts them).
+  ``IMAGE`` the model only talks), ``imageConfig.aspectRatio`` / ``imageSize`` and ``candidateCount``.
+  Each candidate holds a text part and an ``inlineData`` PNG drawn at the 1K pixel size Google lists for
+  the ratio (an edit without a ratio keeps the first input's size) and ends ``finishReason: STOP``; the
+  answer has ``usageMetadata`` (258 tokens per input image, 1290 per output image, as Google counts them).
 * ``POST /v1beta/models/{imagen-model}:predict``: ``instances[0].prompt``, ``parameters.sampleCount``
   (1-4) and ``aspectRatio``; answers ``predictions[].bytesBase64Encoded``.
 * The key comes in ``x-goog-api-key`` (or ``?key=``). A missing key is 403 PERMISSION_DENIED, a wrong one
@@ -202,22 +202,29 @@ class FakeGemini(RecordingServer):
             return web.json_response({"candidates": [blocked], "usageMetadata": usage, "modelVersion": model})
 
         draws = "IMAGE" in (config.get("responseModalities") or ["TEXT"]) and kind != "no_image"
-        parts: list[dict[str, Any]] = []
-        if kind == "no_image":
-            parts.append({"text": "I can't create that image."})
-        elif self.text is not None or not draws:
-            parts.append({"text": self.text or "Sure."})
+        count = config.get("candidateCount", 1)
+        if not isinstance(count, int) or not 1 <= count <= 8:
+            return invalid("candidateCount must be between 1 and 8.")
+        if draws and ratio is not None:
+            width, height = GEMINI_SIZES[ratio]
+        else:
+            width, height = image_dimensions(inputs[0]) if inputs else (1024, 1024)
+        candidates = []
+        for index in range(count):
+            parts: list[dict[str, Any]] = []
+            if kind == "no_image":
+                parts.append({"text": "I can't create that image."})
+            elif self.text is not None or not draws:
+                parts.append({"text": self.text or "Sure."})
+            if draws:
+                parts.append(inline(self.draw(width, height, model)))
+            candidates.append({"content": {"role": "model", "parts": parts}, "finishReason": "STOP",
+                               "index": index})
         if draws:
-            if ratio is not None:
-                width, height = GEMINI_SIZES[ratio]
-            else:
-                width, height = image_dimensions(inputs[0]) if inputs else (1024, 1024)
-            parts.append(inline(self.draw(width, height, model)))
-            usage.update(candidatesTokenCount=IMAGE_OUTPUT_TOKENS,
-                         totalTokenCount=prompt_tokens + IMAGE_OUTPUT_TOKENS,
-                         candidatesTokensDetails=[{"modality": "IMAGE", "tokenCount": IMAGE_OUTPUT_TOKENS}])
-        candidate = {"content": {"role": "model", "parts": parts}, "finishReason": "STOP", "index": 0}
-        return web.json_response({"candidates": [candidate], "usageMetadata": usage, "modelVersion": model,
+            output_tokens = IMAGE_OUTPUT_TOKENS * count
+            usage.update(candidatesTokenCount=output_tokens, totalTokenCount=prompt_tokens + output_tokens,
+                         candidatesTokensDetails=[{"modality": "IMAGE", "tokenCount": output_tokens}])
+        return web.json_response({"candidates": candidates, "usageMetadata": usage, "modelVersion": model,
                                   "responseId": f"fake-{next(self._serial)}"})
 
     def predict(self, model: str, body: dict[str, Any], failure: Failure | None) -> web.Response:

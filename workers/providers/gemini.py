@@ -19,7 +19,8 @@ and output, `models.predict` for Imagen (`instances[].prompt`; `parameters.sampl
 How the gateway's request reaches Google (the tables below, not conditionals):
 - `size` becomes the nearest supported aspect ratio; `auto` leaves the choice to the model (for an edit:
   the input's shape). Google draws its own pixel size for that ratio, and the answer's `size` says which.
-- `n`: a Gemini call returns one image and an Imagen call up to four; more are parallel calls.
+- `n`: a Gemini call returns one image (a deployment may raise `images_per_call`, sent as
+  `candidateCount`) and an Imagen call up to four; more are parallel calls.
 - `seed` becomes `generationConfig.seed`, call i getting seed + i so the images differ yet repeat. The
   Gemini API's Imagen has no seed, so there it is refused, as are `style`, `negative_prompt` and
   transparent backgrounds.
@@ -183,14 +184,12 @@ class GeminiProvider(Provider):
 
         async def call(index: int, count: int) -> CallResult:
             nonlocal done
-            if method is PREDICT:
-                answer = await client.post_json(url, imagen_payload(request, options, ratio, count), headers)
-                raise_for_status(client, answer)
-                result = read_predictions(client, answer.body)
-            else:
-                answer = await client.post_json(url, gemini_payload(request, options, ratio, index), headers)
-                raise_for_status(client, answer)
-                result = read_candidates(client, answer.body)
+            imagen = method is PREDICT
+            payload = (imagen_payload(request, options, ratio, count) if imagen
+                       else gemini_payload(request, options, ratio, index, count))
+            answer = await client.post_json(url, payload, headers)
+            raise_for_status(client, answer)
+            result = read_predictions(client, answer.body) if imagen else read_candidates(client, answer.body)
             done += len(result.images)
             await progress.update(done / spec.n, f"received {done}/{spec.n} images")
             return result
@@ -212,8 +211,8 @@ def inline_part(image: InputImage) -> dict[str, Any]:
     return {"inlineData": {"mimeType": image.content_type, "data": base64.b64encode(image.data).decode()}}
 
 
-def gemini_payload(request: ImageRequest, options: GeminiOptions, ratio: str | None, index: int
-                   ) -> dict[str, Any]:
+def gemini_payload(request: ImageRequest, options: GeminiOptions, ratio: str | None, index: int,
+                   count: int) -> dict[str, Any]:
     spec = request.spec
     parts: list[dict[str, Any]] = [{"text": spec.prompt}, *(inline_part(image) for image in request.images)]
     if request.mask is not None:
@@ -223,6 +222,8 @@ def gemini_payload(request: ImageRequest, options: GeminiOptions, ratio: str | N
     config: dict[str, Any] = {"responseModalities": ["TEXT", "IMAGE"]}
     if image_config:
         config["imageConfig"] = image_config
+    if count > 1:  # only when a deployment says its model draws several (today's image models draw one)
+        config["candidateCount"] = count
     if spec.seed is not None:
         config["seed"] = spec.seed + index
     return {"contents": [{"role": "user", "parts": parts}], "generationConfig": config}
@@ -289,7 +290,7 @@ def read_candidates(client: UpstreamClient, body: Any) -> CallResult:
             raise client.failure("rejected", f"generation stopped ({reason}){message}", code=CONTENT_POLICY,
                                  param="prompt")
         for part in (candidate.get("content") or {}).get("parts") or []:
-            if part.get("thought"):
+            if not isinstance(part, dict) or part.get("thought"):
                 continue  # the thinking models' drafts, not the answer
             inline = part.get("inlineData") or part.get("inline_data")
             if inline and inline.get("data"):
