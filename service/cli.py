@@ -1,4 +1,4 @@
-"""`imagegw` entry points: serve, worker, check-config."""
+"""`imagegw` entry points: serve, worker, check-config, generate."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import sys
 from aiohttp import web
 
 from service.auth import KeyRing
+from service.client import add_generate_command, run_generate
 from service.settings import ConfigError, Settings, load_config
 
 log = logging.getLogger("imagegw")
@@ -53,17 +54,16 @@ def worker(settings: Settings) -> int:
 
 
 def check_config(settings: Settings) -> int:
-    config = load_config(settings.config)
-    KeyRing(config.keys)
-    from workers.router import Router
+    """Report every problem of the config file, its workflow templates and the storage settings; 2 on errors."""
+    from service.config_check import check
 
-    async def build() -> None:
-        import aiohttp
-
-        async with aiohttp.ClientSession() as http:
-            await Router(config, http).close()
-
-    asyncio.run(build())
+    config, findings = asyncio.run(check(settings))
+    for finding in findings:
+        print(finding.render(settings.config), file=sys.stderr)
+    errors = sum(f.level == "error" for f in findings)
+    if config is None or errors:
+        print(f"imagegw check-config: {errors} error(s)", file=sys.stderr)
+        return 2
     print(f"{settings.config or 'built-in config'}: OK, {len(config.models)} models, "
           f"{len(config.providers)} providers, {len(config.keys)} keys")
     return 0
@@ -76,7 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     serve_cmd.add_argument("--host", help="default 127.0.0.1 (IMAGEGW_HOST)")
     serve_cmd.add_argument("--port", type=int, help="default 8080 (IMAGEGW_PORT)")
     commands.add_parser("worker", help="run a queue worker (needs IMAGEGW_REDIS_URL)")
-    commands.add_parser("check-config", help="validate the config file and exit")
+    commands.add_parser("check-config", help="validate the config file, its workflow templates and the storage "
+                                             "settings; exit status 2 on any error")
+    add_generate_command(commands)
     args = parser.parse_args(argv)
 
     settings = Settings()
@@ -88,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
             return serve(settings)
         if args.command == "worker":
             return worker(settings)
+        if args.command == "generate":
+            return run_generate(args)
         return check_config(settings)
     except (ConfigError, ValueError) as exc:
         print(f"imagegw: configuration error:\n{exc}", file=sys.stderr)
