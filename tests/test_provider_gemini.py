@@ -100,6 +100,14 @@ async def test_n_fans_out_into_parallel_calls_with_distinct_seeds(fake: FakeGemi
                             "input_tokens_details": {"text_tokens": 3 * words, "image_tokens": 0}}
 
 
+async def test_one_failed_call_of_a_fan_out_fails_the_request_with_its_own_error(
+        fake: FakeGemini, http: aiohttp.ClientSession) -> None:
+    fake.fail_next("unavailable", retry_after="2")
+    with pytest.raises(UpstreamError) as failed:  # the upstream's error itself, not an ExceptionGroup
+        await generate(http, fake.url, spec(n=3))
+    assert "UNAVAILABLE: The model is overloaded" in failed.value.message and failed.value.retry_after == 2.0
+
+
 async def test_a_deployment_may_ask_for_several_candidates_a_call(fake: FakeGemini,
                                                                    http: aiohttp.ClientSession) -> None:
     result = await generate(http, fake.url, spec(n=3), images_per_call=2)
