@@ -13,12 +13,25 @@ from aiohttp import web
 from service.auth import KeyRing, bearer_token
 from service.connections import RedisFactory, open_storage
 from service.dispatch import Dispatcher
+from service.fetch import UrlFetcher
 from service.jobs import JobStore
 from service.middleware import auth_middleware, error_middleware
 from service.progress import JobEventManager, ProgressHub, ProgressNamespace, ProgressPublisher
-from service.routes import docs, files, health, images, jobs, models, playground, static
+from service.routes import chat, docs, edits, files, health, images, jobs, models, playground, static
 from service.settings import GatewayConfig, Settings, load_config
-from service.state import CONFIG, DISPATCHER, HUB, KEYS, REDIS, REDIS_FACTORY, SETTINGS, SIO, STORAGE, STORE
+from service.state import (
+    CONFIG,
+    DISPATCHER,
+    FETCHER,
+    HUB,
+    KEYS,
+    REDIS,
+    REDIS_FACTORY,
+    SETTINGS,
+    SIO,
+    STORAGE,
+    STORE,
+)
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +75,15 @@ async def progress_ctx(app: web.Application) -> AsyncIterator[None]:
     await manager.close()
 
 
+async def fetcher_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The session that downloads image URLs given by clients (edits), behind its address checks."""
+    fetcher = UrlFetcher(app[SETTINGS])
+    await fetcher.open()
+    app[FETCHER] = fetcher
+    yield
+    await fetcher.close()
+
+
 async def in_process_worker_ctx(app: web.Application) -> AsyncIterator[None]:
     """Embedded mode runs an arq worker in this process; inline models run their jobs here directly.
 
@@ -96,8 +118,10 @@ def create_app(settings: Settings, config: GatewayConfig | None = None) -> web.A
     app[CONFIG] = config
     app[KEYS] = keys
     app[REDIS_FACTORY] = RedisFactory(settings)
-    app.cleanup_ctx.extend([redis_ctx, storage_ctx, progress_ctx, in_process_worker_ctx])
+    app.cleanup_ctx.extend([redis_ctx, storage_ctx, progress_ctx, fetcher_ctx, in_process_worker_ctx])
     images.setup(app)
+    edits.setup(app)
+    chat.setup(app)
     jobs.setup(app)
     models.setup(app)
     files.setup(app)

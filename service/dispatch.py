@@ -30,11 +30,12 @@ class Dispatcher:
     def runs_inline(self, model: str) -> bool:
         return self.inline is not None and self.config.models[model].dispatch == "inline"
 
-    async def submit(self, spec: ImageSpec, principal: Principal, base_url: str, *, wait: bool
-                     ) -> tuple[JobRecord, JobRecord | None]:
+    async def submit(self, spec: ImageSpec, principal: Principal, base_url: str, *, wait: bool,
+                     job_id: str | None = None) -> tuple[JobRecord, JobRecord | None]:
         """Create the job; with `wait`, also wait for its end. Returns (record as created, terminal record or
-        None when the wait timed out or was not asked for)."""
-        record = JobRecord(id=new_job_id(), owner=principal.owner, model=spec.model, spec=spec,
+        None when the wait timed out or was not asked for). `job_id` is given when the caller needed the id
+        first: to store an edit's input images under it, or to listen to the job's events before it runs."""
+        record = JobRecord(id=job_id or new_job_id(), owner=principal.owner, model=spec.model, spec=spec,
                            base_url=base_url, created_at=time.time())
         inline = self.runs_inline(spec.model)
         future = self.hub.expect(record.id) if wait else None

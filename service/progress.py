@@ -36,6 +36,7 @@ from service.storage import Storage
 log = logging.getLogger(__name__)
 
 RedisFactory = Callable[[], ArqRedis]
+JobEvent = tuple[str, dict[str, Any]]  # (event name, data) as published
 
 
 class JobEventManager(socketio.AsyncRedisManager):  # type: ignore[misc]
@@ -118,6 +119,21 @@ class ProgressHub:
         self.sio: socketio.AsyncServer | None = None
         self.subscribers: dict[str, dict[str, _Subscriber]] = {}
         self.waiters: dict[str, set[asyncio.Future[None]]] = {}
+        self.listeners: dict[str, set[asyncio.Queue[JobEvent]]] = {}
+
+    # streaming requests: every event of the job, in order, through their own queue
+    def listen(self, job_id: str) -> asyncio.Queue[JobEvent]:
+        """Register before the job is enqueued: partial images are events only, never in the record."""
+        queue: asyncio.Queue[JobEvent] = asyncio.Queue()
+        self.listeners.setdefault(job_id, set()).add(queue)
+        return queue
+
+    def unlisten(self, job_id: str, queue: asyncio.Queue[JobEvent]) -> None:
+        listening = self.listeners.get(job_id)
+        if listening is not None:
+            listening.discard(queue)
+            if not listening:
+                del self.listeners[job_id]
 
     # waiting requests
     def expect(self, job_id: str) -> asyncio.Future[None]:
@@ -179,6 +195,8 @@ class ProgressHub:
                                              "status": record.status, "stage": record.stage}, only=sid)
 
     async def deliver(self, job_id: str, event: str, data: dict[str, Any]) -> None:
+        for queue in self.listeners.get(job_id, ()):
+            queue.put_nowait((event, data))
         if event in TERMINAL_EVENTS:
             for future in self.waiters.get(job_id, ()):
                 if not future.done():

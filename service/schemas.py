@@ -35,10 +35,44 @@ class ImageGenerationRequest(BaseModel):
     moderation: Literal["low", "auto"] | None = None
     partial_images: int | None = Field(None, ge=0, le=3)
     stream: bool | None = None
+    # edits (seed 002: an `image` turns a generation into an edit): URLs, data URLs or bare base64
+    image: str | list[str] | None = Field(None, min_length=1)
+    mask: str | None = None
+    input_fidelity: Literal["high", "low"] | None = None
     # gateway extensions used by providers that have them (Doubao, ComfyUI)
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     negative_prompt: str | None = None
     watermark: bool | None = None
+
+
+class ImageVariationRequest(BaseModel):
+    """`POST /v1/images/variations` (dall-e-2 style): the form fields besides the `image` file."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    model: str | None = None
+    n: int | None = Field(None, ge=1, le=10)
+    size: str | None = None
+    response_format: ResponseFormat | None = None
+    user: str | None = None
+
+
+class ImageEditForm(ImageGenerationRequest):
+    """`POST /v1/images/edits` as multipart/form-data, the OpenAI SDK's way: the fields of a JSON edit, with
+    the images as files. (A JSON body whose `image` is a URL, a data URL or base64 is accepted too.)"""
+
+    # files here, references in JSON: a different type for the same name, which mypy calls an override
+    image: bytes | None = Field(  # type: ignore[assignment]
+        None, description="the image to edit: PNG, JPEG or WEBP")
+    images: list[bytes] | None = Field(None, alias="image[]", description="several images to edit")
+    mask: bytes | None = Field(  # type: ignore[assignment]
+        None, description="a PNG whose transparent pixels mark where to edit")
+
+
+class ImageVariationForm(ImageVariationRequest):
+    """`POST /v1/images/variations` as multipart/form-data."""
+
+    image: bytes = Field(description="the image to vary: PNG, JPEG or WEBP")
 
 
 class ImageSpec(BaseModel):
@@ -157,6 +191,89 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+class ChatImageURL(BaseModel):
+    url: str
+    detail: str | None = None
+
+
+class ChatContentPart(BaseModel):
+    """A user content part; only `text` and `image_url` parts mean something to an image model."""
+
+    model_config = ConfigDict(extra="allow")
+
+    type: str
+    text: str | None = None
+    image_url: ChatImageURL | None = None
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    role: str
+    content: str | list[ChatContentPart] | None = None
+
+
+class ChatCompletionRequest(BaseModel):
+    """`POST /v1/chat/completions` with `modalities` including "image" (seed 001). Text-only knobs that chat
+    clients send by habit (temperature...) are accepted and ignored; the image parameters of the generations
+    endpoint may be given at the top level."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    model: str | None = None
+    messages: list[ChatMessage] = Field(min_length=1)
+    modalities: list[str] | None = None
+    stream: bool | None = None
+    n: int | None = Field(None, ge=1, le=10)
+    user: str | None = None
+    size: str | None = None
+    quality: Quality | None = None
+    background: Background | None = None
+    output_format: OutputFormat | None = None
+    output_compression: int | None = Field(None, ge=0, le=100)
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    negative_prompt: str | None = None
+
+
+class ChatImagePart(BaseModel):
+    type: Literal["image_url"] = "image_url"
+    image_url: ChatImageURL
+
+
+class ChatTextPart(BaseModel):
+    type: Literal["text"] = "text"
+    text: str
+
+
+class ChatAssistantMessage(BaseModel):
+    """The images as `image_url` parts (seed 001) and again as `images`, where OpenRouter puts them."""
+
+    role: Literal["assistant"] = "assistant"
+    content: list[ChatImagePart | ChatTextPart]
+    images: list[ChatImagePart]
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: ChatAssistantMessage
+    finish_reason: Literal["stop"] = "stop"
+
+
+class ChatUsage(BaseModel):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: ChatUsage = ChatUsage()
 
 
 _TYPE_NAMES = {

@@ -36,6 +36,15 @@ class Settings(BaseSettings):
     worker_grace: float = Field(30.0, ge=0, description="seconds a stopping worker lets running jobs finish")
     progress_interval: float = Field(0.2, ge=0, description="minimum seconds between two progress events of a job")
     log_level: str = "INFO"
+    # input images of edits and variations (uploads, base64 and fetched URLs alike)
+    max_input_image_bytes: int = Field(25 * 1024 * 1024, ge=1, description="largest accepted input image, bytes")
+    max_input_pixels: int = Field(40_000_000, ge=1, description="largest declared width x height of an input image")
+    max_input_images: int = Field(16, ge=1, description="most input images one edit may carry")
+    fetch_timeout: float = Field(20.0, gt=0, description="seconds to download one image URL, redirects included")
+    fetch_max_redirects: int = Field(5, ge=0)
+    fetch_allowed_networks: list[IPvAnyNetwork] = Field(
+        [], description="CIDRs image URLs may reach although they are loopback/private/link-local (tests, intranets)"
+    )
     log_format: Literal["json", "text"] = Field("json", description="json: one object per line, for log shippers")
     # multi-tenancy: the admin API, admission control, usage and completion webhooks
     admin_token: SecretStr | None = Field(None, description="Bearer token of the /admin API; also turns dev mode off")

@@ -9,6 +9,7 @@ from arq.connections import ArqRedis
 from service.auth import KeyRing, Principal
 from service.connections import RedisFactory
 from service.dispatch import Dispatcher
+from service.fetch import UrlFetcher
 from service.jobs import JobStore
 from service.progress import ProgressHub
 from service.settings import GatewayConfig, Settings
@@ -24,6 +25,7 @@ STORE = web.AppKey("store", JobStore)
 HUB = web.AppKey("hub", ProgressHub)
 SIO = web.AppKey("sio", socketio.AsyncServer)
 DISPATCHER = web.AppKey("dispatcher", Dispatcher)
+FETCHER = web.AppKey("fetcher", UrlFetcher)
 
 PRINCIPAL = web.RequestKey("principal", Principal)  # set by the auth middleware
 
