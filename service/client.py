@@ -40,8 +40,12 @@ class GenerateOptions:
     def body(self) -> dict[str, Any]:
         body: dict[str, Any] = {"prompt": self.prompt, "n": self.n, "response_format": "b64_json"}
         fmt = self.output_format or SUFFIX_FORMATS.get(self.output.suffix.lower())
-        optional = {"model": self.model, "size": self.size, "quality": self.quality,
-                    "output_format": fmt if fmt != "png" else None}  # png is every model's default
+        optional = {
+            "model": self.model,
+            "size": self.size,
+            "quality": self.quality,
+            "output_format": fmt if fmt != "png" else None,
+        }  # png is every model's default
         return body | {k: v for k, v in optional.items() if v is not None}
 
 
@@ -67,7 +71,12 @@ class ProgressBar:
         width = max(10, min(40, shutil.get_terminal_size().columns - 30))
         filled = width * percent // 100
         line = f"\r[{'#' * filled}{'.' * (width - filled)}] {percent:3d}% {stage}"
-        print(line[: shutil.get_terminal_size().columns - 1].ljust(width + 30), end="", file=self.stream, flush=True)
+        print(
+            line[: shutil.get_terminal_size().columns - 1].ljust(width + 30),
+            end="",
+            file=self.stream,
+            flush=True,
+        )
 
     def close(self) -> None:
         if self.tty and self.last is not None:
@@ -81,8 +90,15 @@ async def _json(resp: aiohttp.ClientResponse) -> dict[str, Any]:
         raise ClientError(f"HTTP {resp.status} from {resp.url}: not a JSON answer") from None
     if resp.status >= 400:
         error = data.get("error") or {}
-        detail = ", ".join(str(x) for x in (f"HTTP {resp.status}", error.get("code"),
-                                            error.get("param") and f"param {error['param']}") if x)
+        detail = ", ".join(
+            str(x)
+            for x in (
+                f"HTTP {resp.status}",
+                error.get("code"),
+                error.get("param") and f"param {error['param']}",
+            )
+            if x
+        )
         raise ClientError(f"{error.get('message') or 'request failed'} ({detail})")
     return data
 
@@ -112,24 +128,34 @@ class Follower:
         asyncio.get_running_loop().create_task(self._ask())
 
     async def _ask(self) -> None:
-        answer = await self.sio.call("subscribe", {"job_id": self.job_id}, namespace=PROGRESS_NAMESPACE, timeout=10)
+        answer = await self.sio.call(
+            "subscribe", {"job_id": self.job_id}, namespace=PROGRESS_NAMESPACE, timeout=10
+        )
         if isinstance(answer, dict) and "error" in answer and not self.done.done():
             self.done.set_exception(ClientError(answer["error"].get("message", "subscription refused")))
 
     async def run(self, url: str, api_key: str) -> dict[str, Any]:
-        await self.sio.connect(url, namespaces=[PROGRESS_NAMESPACE], auth={"api_key": api_key},
-                               transports=["websocket", "polling"], wait_timeout=10)
+        await self.sio.connect(
+            url,
+            namespaces=[PROGRESS_NAMESPACE],
+            auth={"api_key": api_key},
+            transports=["websocket", "polling"],
+            wait_timeout=10,
+        )
         try:
             return await self.done
         finally:
             await self.sio.disconnect()
 
 
-async def poll(http: aiohttp.ClientSession, url: str, api_key: str, job_id: str, bar: ProgressBar
-               ) -> dict[str, Any]:
+async def poll(
+    http: aiohttp.ClientSession, url: str, api_key: str, job_id: str, bar: ProgressBar
+) -> dict[str, Any]:
     """The slow path when Socket.IO is unreachable: the job record has the same state."""
     while True:
-        async with http.get(f"{url}/v1/images/jobs/{job_id}", headers={"Authorization": f"Bearer {api_key}"}) as resp:
+        async with http.get(
+            f"{url}/v1/images/jobs/{job_id}", headers={"Authorization": f"Bearer {api_key}"}
+        ) as resp:
             job = await _json(resp)
         bar.show(int(job.get("progress") or 0), str(job.get("stage") or job["status"]))
         if job["status"] == "succeeded":
@@ -153,8 +179,11 @@ async def generate(options: GenerateOptions, stream: TextIO = sys.stderr) -> lis
     auth = {"Authorization": f"Bearer {options.api_key}"}
     async with aiohttp.ClientSession() as http:
         try:
-            async with http.post(f"{url}/v1/images/generations", json=options.body(),
-                                 headers={**auth, "Prefer": "respond-async"}) as resp:
+            async with http.post(
+                f"{url}/v1/images/generations",
+                json=options.body(),
+                headers={**auth, "Prefer": "respond-async"},
+            ) as resp:
                 job = await _json(resp)
         except aiohttp.ClientConnectionError as exc:
             raise ClientError(f"cannot reach the gateway at {url}: {exc}") from None
@@ -164,7 +193,9 @@ async def generate(options: GenerateOptions, stream: TextIO = sys.stderr) -> lis
             end = await _follow(http, url, options.api_key, job_id, bar)
         except asyncio.CancelledError:
             bar.close()
-            async with http.delete(f"{url}/v1/images/jobs/{job_id}", headers=auth):  # Ctrl-C: not wanted any more
+            async with http.delete(
+                f"{url}/v1/images/jobs/{job_id}", headers=auth
+            ):  # Ctrl-C: not wanted any more
                 pass
             raise
         succeeded = end["status"] == "succeeded"
@@ -172,13 +203,16 @@ async def generate(options: GenerateOptions, stream: TextIO = sys.stderr) -> lis
         bar.close()
         if not succeeded:
             error = end.get("error") or {}
-            raise ClientError(f"job {job_id} {end['status']}: {error.get('message', 'no reason given')}"
-                              + (f" ({error['code']})" if error.get("code") else ""))
+            raise ClientError(
+                f"job {job_id} {end['status']}: {error.get('message', 'no reason given')}"
+                + (f" ({error['code']})" if error.get("code") else "")
+            )
         return await _write(http, end["result"]["data"], options.output)
 
 
-async def _follow(http: aiohttp.ClientSession, url: str, api_key: str, job_id: str, bar: ProgressBar
-                  ) -> dict[str, Any]:
+async def _follow(
+    http: aiohttp.ClientSession, url: str, api_key: str, job_id: str, bar: ProgressBar
+) -> dict[str, Any]:
     try:
         return await Follower(job_id, bar).run(url, api_key)
     except socketio.exceptions.ConnectionError as exc:
@@ -203,24 +237,47 @@ async def _write(http: aiohttp.ClientSession, data: list[dict[str, Any]], output
 def add_generate_command(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     cmd = commands.add_parser("generate", help="generate images on a running gateway, with a progress bar")
     cmd.add_argument("prompt")
-    cmd.add_argument("-o", "--output", type=Path, required=True,
-                     help="image file to write (its suffix picks the format); with --n above 1: NAME-1.EXT, ...")
+    cmd.add_argument(
+        "-o",
+        "--output",
+        type=Path,
+        required=True,
+        help="image file to write (its suffix picks the format); with --n above 1: NAME-1.EXT, ...",
+    )
     cmd.add_argument("--model", help="default: the gateway's default model")
     cmd.add_argument("--size", help="e.g. 1024x1024; default: the model's")
     cmd.add_argument("--n", type=int, default=1, help="number of images (default 1)")
     cmd.add_argument("--quality", help="e.g. low, medium, high, standard, hd")
-    cmd.add_argument("--format", dest="output_format", choices=sorted(set(SUFFIX_FORMATS.values())),
-                     help="default: from the output file's suffix")
-    cmd.add_argument("--url", default=os.environ.get("IMAGEGW_URL", "http://127.0.0.1:8080"),
-                     help="the gateway (default $IMAGEGW_URL or http://127.0.0.1:8080)")
-    cmd.add_argument("--api-key", default=os.environ.get("IMAGEGW_API_KEY") or os.environ.get("OPENAI_API_KEY"),
-                     help="default $IMAGEGW_API_KEY, then $OPENAI_API_KEY")
+    cmd.add_argument(
+        "--format",
+        dest="output_format",
+        choices=sorted(set(SUFFIX_FORMATS.values())),
+        help="default: from the output file's suffix",
+    )
+    cmd.add_argument(
+        "--url",
+        default=os.environ.get("IMAGEGW_URL", "http://127.0.0.1:8080"),
+        help="the gateway (default $IMAGEGW_URL or http://127.0.0.1:8080)",
+    )
+    cmd.add_argument(
+        "--api-key",
+        default=os.environ.get("IMAGEGW_API_KEY") or os.environ.get("OPENAI_API_KEY"),
+        help="default $IMAGEGW_API_KEY, then $OPENAI_API_KEY",
+    )
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    options = GenerateOptions(prompt=args.prompt, output=args.output, url=args.url, api_key=args.api_key or "dev",
-                              model=args.model, size=args.size, n=args.n, quality=args.quality,
-                              output_format=args.output_format)
+    options = GenerateOptions(
+        prompt=args.prompt,
+        output=args.output,
+        url=args.url,
+        api_key=args.api_key or "dev",
+        model=args.model,
+        size=args.size,
+        n=args.n,
+        quality=args.quality,
+        output_format=args.output_format,
+    )
     try:
         paths = asyncio.run(generate(options))
     except ClientError as exc:

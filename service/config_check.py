@@ -21,7 +21,7 @@ MAX_PRESIGN_SECONDS = 7 * 24 * 3600
 class Finding:
     level: Literal["error", "warning"]
     where: str | None  # a key path in the config file ("models.sdxl.deployments.0"), a setting's variable, or
-    message: str       # None when the message already says where (the file does not load)
+    message: str  # None when the message already says where (the file does not load)
     line: int | None = None
 
     def render(self, path: Path | None) -> str:
@@ -60,14 +60,25 @@ def _check_settings(settings: Settings) -> list[Finding]:
         if not settings.s3_bucket:
             found.append(Finding("error", "IMAGEGW_S3_BUCKET", "IMAGEGW_STORAGE=s3 needs a bucket"))
         if settings.url_ttl > MAX_PRESIGN_SECONDS:
-            found.append(Finding("error", "IMAGEGW_URL_TTL", f"{settings.url_ttl} s is longer than presigned S3 "
-                                                             f"links can last ({MAX_PRESIGN_SECONDS} s)"))
+            found.append(
+                Finding(
+                    "error",
+                    "IMAGEGW_URL_TTL",
+                    f"{settings.url_ttl} s is longer than presigned S3 "
+                    f"links can last ({MAX_PRESIGN_SECONDS} s)",
+                )
+            )
     return found
 
 
 def _check_keys(config: GatewayConfig) -> list[Finding]:
-    return [Finding("error", f"keys.{i}.key_env", f"key {key.name!r}: environment variable {key.key_env!r} is not set")
-            for i, key in enumerate(config.keys) if key.key_env is not None and not os.environ.get(key.key_env)]
+    return [
+        Finding(
+            "error", f"keys.{i}.key_env", f"key {key.name!r}: environment variable {key.key_env!r} is not set"
+        )
+        for i, key in enumerate(config.keys)
+        if key.key_env is not None and not os.environ.get(key.key_env)
+    ]
 
 
 async def _check_providers(config: GatewayConfig) -> list[Finding]:
@@ -82,12 +93,23 @@ async def _check_providers(config: GatewayConfig) -> list[Finding]:
         for name, provider_config in config.providers.items():
             cls = PROVIDER_TYPES.get(provider_config.type)
             if cls is None:
-                found.append(Finding("error", f"providers.{name}.type", f"unknown provider type "
-                                     f"{provider_config.type!r}; known: {', '.join(sorted(PROVIDER_TYPES))}"))
+                found.append(
+                    Finding(
+                        "error",
+                        f"providers.{name}.type",
+                        f"unknown provider type "
+                        f"{provider_config.type!r}; known: {', '.join(sorted(PROVIDER_TYPES))}",
+                    )
+                )
                 continue
             if provider_config.api_key_env and not os.environ.get(provider_config.api_key_env):
-                found.append(Finding("warning", f"providers.{name}.api_key_env",
-                                     f"environment variable {provider_config.api_key_env!r} is not set here"))
+                found.append(
+                    Finding(
+                        "warning",
+                        f"providers.{name}.api_key_env",
+                        f"environment variable {provider_config.api_key_env!r} is not set here",
+                    )
+                )
             try:
                 providers[name] = cls(name, provider_config, http)
             except ValueError as exc:
@@ -98,7 +120,9 @@ async def _check_providers(config: GatewayConfig) -> list[Finding]:
                     provider = providers.get(dep.provider)
                     if provider is None:
                         continue  # already reported on the provider
-                    deployment = Deployment.resolve(model, i, dep.provider, config.providers[dep.provider], dep)
+                    deployment = Deployment.resolve(
+                        model, i, dep.provider, config.providers[dep.provider], dep
+                    )
                     try:
                         provider.check_deployment(deployment)
                     except ValueError as exc:
@@ -112,6 +136,12 @@ async def _check_providers(config: GatewayConfig) -> list[Finding]:
 def _errors(where: str, exc: ValueError) -> list[Finding]:
     """One finding per pydantic error (options are models), else the message as it is."""
     if isinstance(exc, ValidationError):
-        return [Finding("error", ".".join([where, "options", *map(str, err["loc"])]) if err["loc"] else where,
-                        err["msg"]) for err in exc.errors()]
+        return [
+            Finding(
+                "error",
+                ".".join([where, "options", *map(str, err["loc"])]) if err["loc"] else where,
+                err["msg"],
+            )
+            for err in exc.errors()
+        ]
     return [Finding("error", where, str(exc))]

@@ -26,7 +26,9 @@ IMAGE_TYPES = ("image/png", "image/jpeg", "image/webp")
 
 Auth = Literal["required", "optional", "none"]
 
-PREFER_HEADER = {"Prefer": "`respond-async` answers 202 with the job at once instead of waiting for the images."}
+PREFER_HEADER = {
+    "Prefer": "`respond-async` answers 202 with the job at once instead of waiting for the images."
+}
 
 
 @dataclass(frozen=True)
@@ -125,9 +127,10 @@ class _Components:
             self.wanted.append((model, mode))
         return model, mode
 
-    def resolve(self) -> tuple[dict[tuple[type[BaseModel], JsonSchemaMode], Any], dict[str, Any]]:
+    def resolve(self) -> tuple[Mapping[Any, Any], dict[str, Any]]:
+        """The `$ref` of each wanted (model, mode), and the schemas they point into."""
         refs, schema = models_json_schema(self.wanted, ref_template=REF_TEMPLATE)
-        return dict(refs), schema.get("$defs", {})
+        return refs, schema.get("$defs", {})
 
 
 def _content(body: Body | tuple[Body, ...], components: _Components, mode: JsonSchemaMode) -> dict[str, Any]:
@@ -143,36 +146,55 @@ def _content(body: Body | tuple[Body, ...], components: _Components, mode: JsonS
 def _query_parameters(model: type[BaseModel]) -> list[dict[str, Any]]:
     schema = model.model_json_schema(ref_template=REF_TEMPLATE)
     required = set(schema.get("required", ()))
-    return [{"name": name, "in": "query", "required": name in required, "schema": prop}
-            for name, prop in schema.get("properties", {}).items()]
+    return [
+        {"name": name, "in": "query", "required": name in required, "schema": prop}
+        for name, prop in schema.get("properties", {}).items()
+    ]
 
 
 def _operation_doc(method: str, path: str, op: Operation, components: _Components) -> dict[str, Any]:
     doc: dict[str, Any] = {
-        "operationId": method + "_" + "_".join(p.strip("{}") for p in path.strip("/").split("/")).replace("-", "_"),
+        "operationId": method
+        + "_"
+        + "_".join(p.strip("{}") for p in path.strip("/").split("/")).replace("-", "_"),
         "summary": op.summary,
         "tags": list(op.tags),
     }
     if op.description:
         doc["description"] = op.description
-    params = [{"name": name, "in": "path", "required": True, "schema": {"type": "string"},
-               **({"description": op.path_params[name]} if name in op.path_params else {})}
-              for name in _path_names(path)]
-    params += [{"name": name, "in": "header", "required": False, "schema": {"type": "string"}, "description": text}
-               for name, text in op.headers.items()]
+    params = [
+        {
+            "name": name,
+            "in": "path",
+            "required": True,
+            "schema": {"type": "string"},
+            **({"description": op.path_params[name]} if name in op.path_params else {}),
+        }
+        for name in _path_names(path)
+    ]
+    params += [
+        {"name": name, "in": "header", "required": False, "schema": {"type": "string"}, "description": text}
+        for name, text in op.headers.items()
+    ]
     if op.query is not None:
         params += _query_parameters(op.query)
     if params:
         doc["parameters"] = params
     if op.body is not None:
-        doc["requestBody"] = {"required": True, "content": {"application/json": {"schema": components.ref(
-            op.body, "validation")}}}
+        doc["requestBody"] = {
+            "required": True,
+            "content": {"application/json": {"schema": components.ref(op.body, "validation")}},
+        }
     elif op.form is not None:
-        doc["requestBody"] = {"required": True, "content": {"multipart/form-data": {"schema": components.ref(
-            op.form, "validation")}}}
+        doc["requestBody"] = {
+            "required": True,
+            "content": {"multipart/form-data": {"schema": components.ref(op.form, "validation")}},
+        }
     responses: dict[str, Any] = {
-        str(status): {"description": http.HTTPStatus(status).phrase, "content": _content(body, components,
-                                                                                          "serialization")}
+        str(status): {
+            "description": http.HTTPStatus(status).phrase,
+            "content": _content(body, components, "serialization"),
+        }
         for status, body in op.responses.items()
     }
     errors = set(op.errors) | {500}
@@ -181,11 +203,14 @@ def _operation_doc(method: str, path: str, op: Operation, components: _Component
     if op.body is not None or op.form is not None:
         errors.add(413)
     for status in sorted(errors):
-        responses[str(status)] = {"description": http.HTTPStatus(status).phrase,
-                                  "content": {"application/json": {"schema": components.ref(ErrorResponse,
-                                                                                            "serialization")}}}
+        responses[str(status)] = {
+            "description": http.HTTPStatus(status).phrase,
+            "content": {"application/json": {"schema": components.ref(ErrorResponse, "serialization")}},
+        }
     doc["responses"] = responses
-    doc["security"] = {"required": [{"bearerAuth": []}], "optional": [{}, {"bearerAuth": []}], "none": []}[op.auth]
+    doc["security"] = {"required": [{"bearerAuth": []}], "optional": [{}, {"bearerAuth": []}], "none": []}[
+        op.auth
+    ]
     return doc
 
 
@@ -193,7 +218,7 @@ def _path_names(path: str) -> list[str]:
     return [part[1:-1] for part in path.split("/") if part.startswith("{") and part.endswith("}")]
 
 
-def _replace_refs(node: Any, refs: Mapping[tuple[type[BaseModel], JsonSchemaMode], Any]) -> Any:
+def _replace_refs(node: Any, refs: Mapping[Any, Any]) -> Any:
     """Swap the (model, mode) placeholders left by `_Components.ref` for the `$ref`s pydantic chose."""
     if isinstance(node, tuple) and node in refs:
         return refs[node]
@@ -216,15 +241,20 @@ def build_document(app: web.Application) -> dict[str, Any]:
         "info": {
             "title": "imagegw",
             "version": _package_version(),
-            "description": "OpenAI-compatible image generation with queued jobs and live progress. Errors always "
-                           "have the shape `{\"error\": {message, type, param, code}}`. Live progress: Socket.IO "
-                           "namespace `/image-progress` (see the README).",
+            "description": "OpenAI-compatible image generation with queued jobs and live progress. "
+            'Errors always have the shape `{"error": {message, type, param, code}}`. '
+            "Live progress: Socket.IO namespace `/image-progress` (see the README).",
         },
         "paths": _replace_refs(paths, refs),
         "components": {
             "schemas": schemas,
-            "securitySchemes": {"bearerAuth": {"type": "http", "scheme": "bearer",
-                                               "description": "An API key from the gateway's config file."}},
+            "securitySchemes": {
+                "bearerAuth": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "An API key from the gateway's config file.",
+                }
+            },
         },
     }
 

@@ -33,8 +33,8 @@ MISSING = frozenset({"NoSuchKey", "404", "NotFound"})
 
 
 class S3Storage:
-    """The `Storage` protocol on one bucket and key prefix. `signer` is a client for the endpoint clients see
-    (it may differ from the one the gateway talks to, e.g. inside a container network); presigning is offline."""
+    """The `Storage` protocol on one bucket and key prefix. `signer` is a client for the endpoint clients
+    see (it may differ from the one the gateway talks to, e.g. in a container network); it signs offline."""
 
     def __init__(self, client: Any, signer: Any, bucket: str, prefix: str, url_ttl: int) -> None:
         self.client = client
@@ -49,8 +49,9 @@ class S3Storage:
         return self.prefix + name
 
     async def put(self, name: str, data: bytes) -> None:
-        await self.client.put_object(Bucket=self.bucket, Key=self.key(name), Body=data,
-                                     ContentType=content_type(name))
+        await self.client.put_object(
+            Bucket=self.bucket, Key=self.key(name), Body=data, ContentType=content_type(name)
+        )
 
     async def get(self, name: str) -> bytes | None:
         try:
@@ -68,7 +69,8 @@ class S3Storage:
 
     async def public_url(self, name: str, base_url: str) -> str:
         url: str = await self.signer.generate_presigned_url(
-            "get_object", Params={"Bucket": self.bucket, "Key": self.key(name)}, ExpiresIn=self.url_ttl)
+            "get_object", Params={"Bucket": self.bucket, "Key": self.key(name)}, ExpiresIn=self.url_ttl
+        )
         return url
 
     async def purge_older_than(self, cutoff: datetime) -> int:
@@ -85,13 +87,16 @@ class S3Storage:
 
     async def _delete(self, keys: list[str]) -> None:
         for start in range(0, len(keys), 1000):  # DeleteObjects takes at most 1000 keys
-            batch = [{"Key": k} for k in keys[start:start + 1000]]
+            batch = [{"Key": k} for k in keys[start : start + 1000]]
             await self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
 
 
 def client_config(settings: Settings) -> AioConfig:
-    return AioConfig(signature_version="s3v4", s3={"addressing_style": settings.s3_addressing_style},
-                     retries={"max_attempts": 3, "mode": "standard"})
+    return AioConfig(
+        signature_version="s3v4",
+        s3={"addressing_style": settings.s3_addressing_style},
+        retries={"max_attempts": 3, "mode": "standard"},
+    )
 
 
 @asynccontextmanager
@@ -100,18 +105,30 @@ async def open_s3_storage(settings: Settings, redis: ArqRedis) -> AsyncIterator[
     if not settings.s3_bucket:
         raise ValueError("IMAGEGW_STORAGE=s3 needs IMAGEGW_S3_BUCKET")
     if settings.url_ttl > MAX_PRESIGN_SECONDS:
-        raise ValueError(f"IMAGEGW_URL_TTL is {settings.url_ttl}; presigned S3 links last at most "
-                         f"{MAX_PRESIGN_SECONDS} seconds")
+        raise ValueError(
+            f"IMAGEGW_URL_TTL is {settings.url_ttl}; presigned S3 links last at most "
+            f"{MAX_PRESIGN_SECONDS} seconds"
+        )
     session = get_session()
     async with AsyncExitStack() as stack:
-        client = await stack.enter_async_context(session.create_client(
-            "s3", endpoint_url=settings.s3_endpoint_url, region_name=settings.s3_region,
-            config=client_config(settings)))
+        client = await stack.enter_async_context(
+            session.create_client(
+                "s3",
+                endpoint_url=settings.s3_endpoint_url,
+                region_name=settings.s3_region,
+                config=client_config(settings),
+            )
+        )
         signer = client
         if settings.s3_public_endpoint_url:
-            signer = await stack.enter_async_context(session.create_client(
-                "s3", endpoint_url=settings.s3_public_endpoint_url, region_name=settings.s3_region,
-                config=client_config(settings)))
+            signer = await stack.enter_async_context(
+                session.create_client(
+                    "s3",
+                    endpoint_url=settings.s3_public_endpoint_url,
+                    region_name=settings.s3_region,
+                    config=client_config(settings),
+                )
+            )
         storage = S3Storage(client, signer, settings.s3_bucket, settings.s3_prefix, settings.url_ttl)
         sweeper = asyncio.create_task(sweep_forever(storage, redis, settings))
         try:

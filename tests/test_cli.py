@@ -27,14 +27,22 @@ def cli_env(**extra: str) -> dict[str, str]:
 
 def check_config(config: Path | None, **env: str) -> subprocess.CompletedProcess[str]:
     extra = {"IMAGEGW_CONFIG": str(config)} if config else {}
-    return subprocess.run([sys.executable, "-m", "service.cli", "check-config"], cwd=ROOT, capture_output=True,
-                          text=True, env=cli_env(**extra, **env), timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "service.cli", "check-config"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=cli_env(**extra, **env),
+        timeout=60,
+    )
 
 
 def test_check_config_accepts_a_good_file(tmp_path: Path) -> None:
     config = tmp_path / "gateway.yaml"
-    config.write_text("default_model: local\nproviders: {local: {type: local, options: {steps: 3}}}\n"
-                      "models: {local: {deployments: [{provider: local}]}}\nkeys: [{name: a, key_env: CLI_KEY}]\n")
+    config.write_text(
+        "default_model: local\nproviders: {local: {type: local, options: {steps: 3}}}\n"
+        "models: {local: {deployments: [{provider: local}]}}\nkeys: [{name: a, key_env: CLI_KEY}]\n"
+    )
     done = check_config(config, CLI_KEY="secret")
     assert done.returncode == 0, done.stderr
     assert done.stdout == f"{config}: OK, 1 models, 1 providers, 1 keys\n"
@@ -42,8 +50,14 @@ def test_check_config_accepts_a_good_file(tmp_path: Path) -> None:
 
 def test_check_config_names_every_problem(tmp_path: Path) -> None:
     workflow = tmp_path / "workflow.json"
-    workflow.write_text(json.dumps({"6": {"class_type": "CLIPTextEncode", "inputs": {"text": ""}},
-                                    "9": {"class_type": "SaveImage", "inputs": {"images": ["8", 0]}}}))
+    workflow.write_text(
+        json.dumps(
+            {
+                "6": {"class_type": "CLIPTextEncode", "inputs": {"text": ""}},
+                "9": {"class_type": "SaveImage", "inputs": {"images": ["8", 0]}},
+            }
+        )
+    )
     config = tmp_path / "gateway.yaml"
     config.write_text(f"""\
 providers:
@@ -69,12 +83,14 @@ keys:
     assert done.stderr.splitlines() == [
         f"{config}: error: IMAGEGW_S3_BUCKET: IMAGEGW_STORAGE=s3 needs a bucket",
         f"{config}:16: error: keys.0.key_env: key 'ci': environment variable 'CLI_UNSET_SECRET' is not set",
-        f"{config}:3: warning: providers.comfy.api_key_env: environment variable 'CLI_UNSET_KEY' is not set here",
-        f"{config}:6: error: models.a.deployments.0.options.steps: Input should be greater than or equal to 1",
+        f"{config}:3: warning: providers.comfy.api_key_env: "
+        "environment variable 'CLI_UNSET_KEY' is not set here",
+        f"{config}:6: error: models.a.deployments.0.options.steps: "
+        "Input should be greater than or equal to 1",
         f"{config}:9: error: models.c.deployments.0: workflow {tmp_path}/missing.json: cannot read: "
         "No such file or directory",
-        f"{config}:11: error: models.c.deployments.1: workflow {workflow}: inputs.prompt: node '9' (SaveImage) "
-        "has no input 'text'",
+        f"{config}:11: error: models.c.deployments.1: workflow {workflow}: "
+        "inputs.prompt: node '9' (SaveImage) has no input 'text'",
         f"{config}:14: error: models.c.deployments.2.options.cfg: Extra inputs are not permitted",
         "imagegw check-config: 6 error(s)",
     ]
@@ -82,12 +98,15 @@ keys:
 
 def test_check_config_reports_cross_reference_errors_with_their_line(tmp_path: Path) -> None:
     config = tmp_path / "gateway.yaml"
-    config.write_text("providers: {local: {type: local}}\nmodels:\n  a:\n    family: gpt-image-9\n"
-                      "    deployments: [{provider: local}]\n")
+    config.write_text(
+        "providers: {local: {type: local}}\nmodels:\n  a:\n    family: gpt-image-9\n"
+        "    deployments: [{provider: local}]\n"
+    )
     done = check_config(config)
     assert done.returncode == 2
     assert done.stderr.splitlines() == [
-        f"{config}:4: models.a.family: unknown model family 'gpt-image-9'; known: " + ", ".join(sorted(FAMILIES)),
+        f"{config}:4: models.a.family: unknown model family 'gpt-image-9'; known: "
+        + ", ".join(sorted(FAMILIES)),
         "imagegw check-config: 1 error(s)",
     ]
 
@@ -104,19 +123,44 @@ def test_check_config_reports_unparseable_files(tmp_path: Path) -> None:
 
 
 async def run_generate(*args: str, stderr: int = subprocess.PIPE) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "service.cli", "generate", *args, cwd=ROOT,
-                                                env=cli_env(), stdout=subprocess.PIPE, stderr=stderr)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "service.cli",
+        "generate",
+        *args,
+        cwd=ROOT,
+        env=cli_env(),
+        stdout=subprocess.PIPE,
+        stderr=stderr,
+    )
     out, err = await asyncio.wait_for(proc.communicate(), 60)
     return proc.returncode or 0, out.decode(), (err or b"").decode()
 
 
-async def test_generate_follows_progress_and_writes_the_images(gateway_factory: GatewayFactory,
-                                                               tmp_path: Path) -> None:
-    config = local_config(steps=6, step_delay=0.1).model_copy(update={"keys": [KeyConfig(name="cli", key=KEY)]})
+async def test_generate_follows_progress_and_writes_the_images(
+    gateway_factory: GatewayFactory, tmp_path: Path
+) -> None:
+    config = local_config(steps=6, step_delay=0.1).model_copy(
+        update={"keys": [KeyConfig(name="cli", key=KEY)]}
+    )
     gw = await gateway_factory(config=config)
     out = tmp_path / "pictures" / "harbour.webp"
-    code, stdout, stderr = await run_generate("a harbour at night", "-o", str(out), "--n", "2", "--size", "320x200",
-                                              "--model", "imagegw-local", "--url", gw.url, "--api-key", KEY)
+    code, stdout, stderr = await run_generate(
+        "a harbour at night",
+        "-o",
+        str(out),
+        "--n",
+        "2",
+        "--size",
+        "320x200",
+        "--model",
+        "imagegw-local",
+        "--url",
+        gw.url,
+        "--api-key",
+        KEY,
+    )
     assert code == 0, stderr
     written = [tmp_path / "pictures" / "harbour-1.webp", tmp_path / "pictures" / "harbour-2.webp"]
     assert stdout.splitlines() == [str(p) for p in written]
@@ -131,12 +175,24 @@ async def test_generate_follows_progress_and_writes_the_images(gateway_factory: 
 
 
 async def test_generate_draws_a_bar_on_a_terminal(gateway_factory: GatewayFactory, tmp_path: Path) -> None:
-    config = local_config(steps=4, step_delay=0.05).model_copy(update={"keys": [KeyConfig(name="cli", key=KEY)]})
+    config = local_config(steps=4, step_delay=0.05).model_copy(
+        update={"keys": [KeyConfig(name="cli", key=KEY)]}
+    )
     gw = await gateway_factory(config=config)
     leader, follower = pty.openpty()
     try:
-        code, stdout, _ = await run_generate("a kite", "-o", str(tmp_path / "kite.png"), "--size", "64x64",
-                                             "--url", gw.url, "--api-key", KEY, stderr=follower)
+        code, stdout, _ = await run_generate(
+            "a kite",
+            "-o",
+            str(tmp_path / "kite.png"),
+            "--size",
+            "64x64",
+            "--url",
+            gw.url,
+            "--api-key",
+            KEY,
+            stderr=follower,
+        )
         os.close(follower)
         screen = b""
         while chunk := await asyncio.to_thread(_read_pty, leader):
@@ -158,11 +214,23 @@ def _read_pty(fd: int) -> bytes:
 async def test_generate_explains_errors(gateway_factory: GatewayFactory, tmp_path: Path) -> None:
     config = local_config().model_copy(update={"keys": [KeyConfig(name="cli", key=KEY)]})
     gw = await gateway_factory(config=config)
-    code, _, stderr = await run_generate("a kite", "-o", str(tmp_path / "k.png"), "--url", gw.url,
-                                         "--api-key", "sk-wrong")
+    code, _, stderr = await run_generate(
+        "a kite", "-o", str(tmp_path / "k.png"), "--url", gw.url, "--api-key", "sk-wrong"
+    )
     assert code == 1
     assert stderr == "imagegw generate: Incorrect API key provided. (HTTP 401, invalid_api_key)\n"
-    code, _, stderr = await run_generate("a kite", "-o", str(tmp_path / "k.png"), "--url", gw.url,
-                                         "--api-key", KEY, "--model", "dall-e-3", "--size", "256x256")
+    code, _, stderr = await run_generate(
+        "a kite",
+        "-o",
+        str(tmp_path / "k.png"),
+        "--url",
+        gw.url,
+        "--api-key",
+        KEY,
+        "--model",
+        "dall-e-3",
+        "--size",
+        "256x256",
+    )
     assert code == 1 and "(HTTP 400, invalid_value, param size)" in stderr
     assert not (tmp_path / "k.png").exists()

@@ -31,8 +31,13 @@ def compose_available() -> bool:
 def compose_model() -> dict[str, Any]:
     """The compose file as Compose resolves it when installed; else as YAML with its merge keys applied."""
     if compose_available():
-        done = subprocess.run(["docker", "compose", "-f", str(COMPOSE), "--profile", "comfyui", "config",
-                               "--format", "json"], capture_output=True, text=True, env=ENV, cwd=ROOT)
+        done = subprocess.run(
+            ["docker", "compose", "-f", str(COMPOSE), "--profile", "comfyui", "config", "--format", "json"],
+            capture_output=True,
+            text=True,
+            env=ENV,
+            cwd=ROOT,
+        )
         assert done.returncode == 0, done.stderr
         model: dict[str, Any] = yaml.safe_load(done.stdout)
         return model
@@ -42,11 +47,21 @@ def compose_model() -> dict[str, Any]:
 
 def test_compose_file_is_accepted() -> None:
     if compose_available():
-        done = subprocess.run(["docker", "compose", "-f", str(COMPOSE), "config", "--quiet"], capture_output=True,
-                              text=True, env=ENV, cwd=ROOT)
+        done = subprocess.run(
+            ["docker", "compose", "-f", str(COMPOSE), "config", "--quiet"],
+            capture_output=True,
+            text=True,
+            env=ENV,
+            cwd=ROOT,
+        )
         assert done.returncode == 0, done.stderr
-        unset = subprocess.run(["docker", "compose", "-f", str(COMPOSE), "config", "--quiet"], capture_output=True,
-                               text=True, env={"PATH": ENV["PATH"]}, cwd=ROOT)
+        unset = subprocess.run(
+            ["docker", "compose", "-f", str(COMPOSE), "config", "--quiet"],
+            capture_output=True,
+            text=True,
+            env={"PATH": ENV["PATH"]},
+            cwd=ROOT,
+        )
         assert unset.returncode != 0 and "GATEWAY_API_KEY" in unset.stderr
     services = compose_model()["services"]
     assert set(services) == {"redis", "api", "worker", "comfyui"}
@@ -65,8 +80,10 @@ def test_services_health_checks_profiles_and_volumes() -> None:
     for service, command in ((api, ["serve"]), (worker, ["worker"])):
         assert service["command"] == command
         assert service["environment"]["IMAGEGW_REDIS_URL"] == "redis://redis:6379/0"
-        assert service["environment"]["IMAGEGW_CONFIG"] == "${IMAGEGW_CONFIG_FILE:-/etc/imagegw/gateway.yaml}" \
+        assert (
+            service["environment"]["IMAGEGW_CONFIG"] == "${IMAGEGW_CONFIG_FILE:-/etc/imagegw/gateway.yaml}"
             or service["environment"]["IMAGEGW_CONFIG"] == "/etc/imagegw/gateway.yaml"
+        )
         assert "/etc/imagegw" in _mounts(service) and "/data" in _mounts(service)
         assert service["depends_on"]["redis"]["condition"] == "service_healthy"
         assert "profiles" not in service
@@ -76,10 +93,17 @@ def test_services_health_checks_profiles_and_volumes() -> None:
 
     assert comfyui["profiles"] == ["comfyui"]
     assert "/system_stats" in " ".join(comfyui["healthcheck"]["test"])
-    assert comfyui["image"] in ("${COMFYUI_IMAGE:-your-registry/comfyui:latest}", "your-registry/comfyui:latest")
+    assert comfyui["image"] in (
+        "${COMFYUI_IMAGE:-your-registry/comfyui:latest}",
+        "your-registry/comfyui:latest",
+    )
 
-    named = {str(v).split(":")[0] for s in services.values() for v in s.get("volumes", ())
-             if not str(v).startswith((".", "/"))}
+    named = {
+        str(v).split(":")[0]
+        for s in services.values()
+        for v in s.get("volumes", ())
+        if not str(v).startswith((".", "/"))
+    }
     assert named <= set(model["volumes"]), named
 
 
@@ -104,7 +128,9 @@ def test_worker_health_check_reads_the_key_arq_refreshes(redis_url: str) -> None
 
 def test_dockerfile_builds_a_small_non_root_image() -> None:
     lines = [line.strip() for line in (ROOT / "Dockerfile").read_text().splitlines()]
-    assert lines[next(i for i, line in enumerate(lines) if line.startswith("FROM"))] == "FROM python:3.11-slim"
+    assert (
+        lines[next(i for i, line in enumerate(lines) if line.startswith("FROM"))] == "FROM python:3.11-slim"
+    )
     assert any(line.startswith("RUN pip install /src") for line in lines)
     user = next(line for line in lines if line.startswith("USER "))
     assert user.split()[1] not in ("root", "0")
@@ -114,7 +140,9 @@ def test_dockerfile_builds_a_small_non_root_image() -> None:
 
 
 @pytest.mark.parametrize("name", ["gateway.yaml", "gateway.comfyui.yaml"])
-async def test_example_configs_pass_check_config(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_example_configs_pass_check_config(
+    name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # the compose file mounts deploy/ at /etc/imagegw; here the same files are read from the checkout
     text = (ROOT / "deploy" / name).read_text().replace("/etc/imagegw/", f"{ROOT / 'deploy'}/")
     config = tmp_path / name
@@ -128,7 +156,9 @@ def test_readme_lists_every_setting_with_its_default() -> None:
     readme = (ROOT / "README.md").read_text()
     rows = dict(re.findall(r"^\| `(IMAGEGW_[A-Z0-9_]+)` \| ([^|]+) \|", readme, re.MULTILINE))
     expected = {f"IMAGEGW_{name.upper()}" for name in Settings.model_fields}
-    assert set(rows) == expected, f"missing: {sorted(expected - set(rows))}, stale: {sorted(set(rows) - expected)}"
+    assert set(rows) == expected, (
+        f"missing: {sorted(expected - set(rows))}, stale: {sorted(set(rows) - expected)}"
+    )
     for name, field in Settings.model_fields.items():
         shown = rows[f"IMAGEGW_{name.upper()}"].strip()
         if field.default is None:

@@ -1,4 +1,4 @@
-"""The OpenAPI document against the running gateway: schemathesis finds no 5xx and no answer outside the schema."""
+"""The OpenAPI document against the running gateway: schemathesis finds no 5xx, no off-schema answer."""
 
 from __future__ import annotations
 
@@ -29,13 +29,17 @@ UNDOCUMENTED = ("/playground", "/docs", "/openapi.json", "/static", "/socket.io/
 
 def contract_config() -> GatewayConfig:
     """Small images only, so generated requests that do succeed stay fast."""
-    return GatewayConfig.model_validate({
-        "default_model": "small",
-        "providers": {"local": {"type": "local", "options": {"steps": 1}}},
-        "models": {"small": {"family": "dall-e-2", "deployments": [{"provider": "local"}]},
-                   "free": {"family": "generic", "deployments": [{"provider": "local"}]}},
-        "keys": [{"name": "tester", "key": KEY}],
-    })
+    return GatewayConfig.model_validate(
+        {
+            "default_model": "small",
+            "providers": {"local": {"type": "local", "options": {"steps": 1}}},
+            "models": {
+                "small": {"family": "dall-e-2", "deployments": [{"provider": "local"}]},
+                "free": {"family": "generic", "deployments": [{"provider": "local"}]},
+            },
+            "keys": [{"name": "tester", "key": KEY}],
+        }
+    )
 
 
 async def fetch_document(url: str) -> dict[str, Any]:
@@ -50,13 +54,17 @@ async def test_document_lists_every_api_route_with_its_models(gateway_factory: G
     doc = await fetch_document(gw.url)
     assert doc["openapi"] == "3.1.0"
     documented = {(path, method) for path, ops in doc["paths"].items() for method in ops}
-    routed = {(r.resource.canonical, r.method.lower()) for r in gw.app.router.routes()
-              if r.method != "HEAD" and r.resource is not None}
+    routed = {
+        (r.resource.canonical, r.method.lower())
+        for r in gw.app.router.routes()
+        if r.method != "HEAD" and r.resource is not None
+    }
     missing = {(p, m) for p, m in routed - documented if not p.startswith(UNDOCUMENTED)}
     assert not missing, f"routes without @api(...): {sorted(missing)}"
     generate = doc["paths"]["/v1/images/generations"]["post"]
     assert generate["requestBody"]["content"]["application/json"]["schema"] == {
-        "$ref": "#/components/schemas/ImageGenerationRequest"}
+        "$ref": "#/components/schemas/ImageGenerationRequest"
+    }
     assert set(generate["responses"]) >= {"200", "202", "400", "401", "404", "413", "500", "502", "504"}
     request_schema = doc["components"]["schemas"]["ImageGenerationRequest"]
     assert request_schema["required"] == ["prompt"] and request_schema["additionalProperties"] is False
@@ -89,9 +97,15 @@ def run_cases(doc: dict[str, Any], base_url: str, examples: int) -> list[str]:
     for result in schema.get_all_operations():
         operation = result.ok()
         for mode in (schemathesis.GenerationMode.POSITIVE, schemathesis.GenerationMode.NEGATIVE):
+
             @given(case=operation.as_strategy(generation_mode=mode))
-            @settings(max_examples=examples, deadline=None, database=None, derandomize=True,
-                      suppress_health_check=list(HealthCheck))
+            @settings(
+                max_examples=examples,
+                deadline=None,
+                database=None,
+                derandomize=True,
+                suppress_health_check=list(HealthCheck),
+            )
             def check(case: schemathesis.Case) -> None:
                 case.call_and_validate(base_url=base_url, headers=AUTH, checks=CHECKS, timeout=30)
 
@@ -104,7 +118,9 @@ def run_cases(doc: dict[str, Any], base_url: str, examples: int) -> list[str]:
     return seen
 
 
-async def test_schemathesis_finds_no_server_error_and_no_schema_violation(gateway_factory: GatewayFactory) -> None:
+async def test_schemathesis_finds_no_server_error_and_no_schema_violation(
+    gateway_factory: GatewayFactory,
+) -> None:
     gw = await gateway_factory(config=contract_config())
     doc = await fetch_document(gw.url)
     seen = await asyncio.to_thread(run_cases, doc, gw.url, 12)
@@ -118,8 +134,9 @@ def run_known_flow(doc: dict[str, Any], base_url: str) -> None:
     sync = generate.Case(body={"prompt": "a red kite", "size": "256x256", "n": 2, "response_format": "url"})
     result = sync.call_and_validate(base_url=base_url, headers=AUTH, checks=CHECKS)
     assert result.status_code == 200 and len(result.json()["data"]) == 2
-    queued = generate.Case(body={"prompt": "a blue kite", "model": "free", "size": "64x64"},
-                           headers={"Prefer": "respond-async"})
+    queued = generate.Case(
+        body={"prompt": "a blue kite", "model": "free", "size": "64x64"}, headers={"Prefer": "respond-async"}
+    )
     accepted = queued.call_and_validate(base_url=base_url, headers=AUTH, checks=CHECKS)
     assert accepted.status_code == 202
     job_id = accepted.json()["id"]
@@ -133,8 +150,9 @@ def run_known_flow(doc: dict[str, Any], base_url: str) -> None:
     assert cancel.call_and_validate(base_url=base_url, headers=AUTH, checks=CHECKS).status_code == 409
     url = result.json()["data"][0]["url"]
     job_part, file_part = url.split("/v1/files/")[1].split("?")[0].split("/")
-    download = schema["/v1/files/{job_id}/{file}"]["GET"].Case(path_parameters={"job_id": job_part,
-                                                                                 "file": file_part})
+    download = schema["/v1/files/{job_id}/{file}"]["GET"].Case(
+        path_parameters={"job_id": job_part, "file": file_part}
+    )
     image = download.call_and_validate(base_url=base_url, headers=AUTH, checks=CHECKS)
     assert image.status_code == 200 and image.headers["content-type"] == ["image/png"]
     anonymous = download.call_and_validate(base_url=base_url, checks=CHECKS)

@@ -16,8 +16,15 @@ from service.settings import LOCAL_MODELS, KeyConfig
 from tests.conftest import Gateway, GatewayFactory, local_config
 
 CHROMIUM = "/usr/bin/chromium"
-LAUNCH_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-               "--disable-component-update", "--disable-sync", "--no-first-run"]
+LAUNCH_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 KEY = "sk-playground-test"
 
 
@@ -33,7 +40,9 @@ async def browser() -> AsyncIterator[Browser]:
 
 async def slow_gateway(gateway_factory: GatewayFactory) -> Gateway:
     """Eight painting steps of 0.15 s each, so the bar visibly moves; one key, so the page must send it."""
-    config = local_config(steps=8, step_delay=0.15).model_copy(update={"keys": [KeyConfig(name="pg", key=KEY)]})
+    config = local_config(steps=8, step_delay=0.15).model_copy(
+        update={"keys": [KeyConfig(name="pg", key=KEY)]}
+    )
     return await gateway_factory(config=config)
 
 
@@ -53,8 +62,9 @@ def screenshot_path(tmp_path: Path, name: str) -> Path:
     return folder / name
 
 
-async def test_generate_shows_progress_partials_and_gallery(gateway_factory: GatewayFactory, browser: Browser,
-                                                            tmp_path: Path) -> None:
+async def test_generate_shows_progress_partials_and_gallery(
+    gateway_factory: GatewayFactory, browser: Browser, tmp_path: Path
+) -> None:
     gw = await slow_gateway(gateway_factory)
     page = await open_playground(browser, gw)
     assert await page.evaluate("localStorage.getItem('imagegw.apiKey')") == KEY
@@ -93,8 +103,9 @@ async def test_generate_shows_progress_partials_and_gallery(gateway_factory: Gat
     assert any(stage.startswith("painting ") for _, stage in seen), seen
     await expect(page.locator("#partials img.partial")).to_have_count(2)
 
-    sizes = await page.eval_on_selector_all("#gallery img.result", "imgs => imgs.map(i => [i.naturalWidth, "
-                                                                    "i.naturalHeight])")
+    sizes = await page.eval_on_selector_all(
+        "#gallery img.result", "imgs => imgs.map(i => [i.naturalWidth, i.naturalHeight])"
+    )
     assert sizes == [[512, 384], [512, 384]]
     link = page.locator("#gallery a", has_text="Download").first
     async with page.expect_download() as info:
@@ -120,7 +131,9 @@ async def test_errors_are_readable(gateway_factory: GatewayFactory, browser: Bro
     error = page.locator("#error")
     await expect(error).to_be_visible()
     await expect(error).to_contain_text("The request was rejected")
-    await expect(error).to_contain_text("Invalid value for 'size': '256x256' is not supported by model 'dall-e-3'")
+    await expect(error).to_contain_text(
+        "Invalid value for 'size': '256x256' is not supported by model 'dall-e-3'"
+    )
     await expect(error).to_contain_text("HTTP 400 · invalid_value · param: size")
     await expect(page.locator("#generate")).to_be_enabled()
 
@@ -131,8 +144,9 @@ async def test_errors_are_readable(gateway_factory: GatewayFactory, browser: Bro
     await page.screenshot(path=str(screenshot_path(tmp_path, "playground-error.png")))
 
 
-async def test_page_and_vendored_client_are_served_without_a_key(gateway_factory: GatewayFactory,
-                                                                 browser: Browser) -> None:
+async def test_page_and_vendored_client_are_served_without_a_key(
+    gateway_factory: GatewayFactory, browser: Browser
+) -> None:
     gw = await slow_gateway(gateway_factory)
     page = await browser.new_page()
     requests: list[str] = []

@@ -46,13 +46,18 @@ def moto_url() -> Iterator[str]:
 @pytest.fixture
 def admin(moto_url: str) -> Any:
     """The test's own S3 client, to create buckets and look inside them."""
-    return boto3.client("s3", endpoint_url=moto_url, region_name=REGION, aws_access_key_id=ACCESS_KEY,
-                        aws_secret_access_key=SECRET_KEY)
+    return boto3.client(
+        "s3",
+        endpoint_url=moto_url,
+        region_name=REGION,
+        aws_access_key_id=ACCESS_KEY,
+        aws_secret_access_key=SECRET_KEY,
+    )
 
 
 @pytest.fixture
 def bucket(admin: Any, monkeypatch: pytest.MonkeyPatch) -> str:
-    """A fresh bucket; the gateway finds its credentials where any AWS client would: the standard variables."""
+    """A fresh bucket; the gateway finds its credentials where any AWS client would: standard variables."""
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", ACCESS_KEY)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
     monkeypatch.setenv("AWS_DEFAULT_REGION", REGION)
@@ -78,11 +83,23 @@ def s3_rejects(url: str, secret: str, now: float) -> str | None:
     if now > signed_at + int(params["X-Amz-Expires"]):
         return "expired"
     scope = params["X-Amz-Credential"].split("/", 1)[1]
-    canonical_query = "&".join(f"{quote(k, safe='-_.~')}={quote(v, safe='-_.~')}" for k, v in sorted(params.items()))
-    canonical = "\n".join(["GET", parts.path, canonical_query, f"host:{parts.netloc}", "",
-                           params["X-Amz-SignedHeaders"], "UNSIGNED-PAYLOAD"])
-    to_sign = "\n".join(["AWS4-HMAC-SHA256", params["X-Amz-Date"], scope,
-                         hashlib.sha256(canonical.encode()).hexdigest()])
+    canonical_query = "&".join(
+        f"{quote(k, safe='-_.~')}={quote(v, safe='-_.~')}" for k, v in sorted(params.items())
+    )
+    canonical = "\n".join(
+        [
+            "GET",
+            parts.path,
+            canonical_query,
+            f"host:{parts.netloc}",
+            "",
+            params["X-Amz-SignedHeaders"],
+            "UNSIGNED-PAYLOAD",
+        ]
+    )
+    to_sign = "\n".join(
+        ["AWS4-HMAC-SHA256", params["X-Amz-Date"], scope, hashlib.sha256(canonical.encode()).hexdigest()]
+    )
     key = ("AWS4" + secret).encode()
     for part in scope.split("/"):
         key = hmac.new(key, part.encode(), hashlib.sha256).digest()
@@ -90,11 +107,13 @@ def s3_rejects(url: str, secret: str, now: float) -> str | None:
     return None if hmac.compare_digest(expected, signature) else "signature mismatch"
 
 
-async def test_sdk_url_is_a_presigned_s3_link_that_downloads(gateway_factory: GatewayFactory, bucket: str, admin: Any,
-                                                             moto_url: str, http: aiohttp.ClientSession) -> None:
+async def test_sdk_url_is_a_presigned_s3_link_that_downloads(
+    gateway_factory: GatewayFactory, bucket: str, admin: Any, moto_url: str, http: aiohttp.ClientSession
+) -> None:
     gw = await gateway_factory(storage="s3", s3_bucket=bucket, s3_endpoint_url=moto_url, url_ttl=600)
-    result = await gw.client().images.generate(prompt="a harbour", model="imagegw-local", size="256x192", n=2,
-                                               response_format="url")
+    result = await gw.client().images.generate(
+        prompt="a harbour", model="imagegw-local", size="256x192", n=2, response_format="url"
+    )
     urls = [d.url or "" for d in result.data]
     stored = keys_in(admin, bucket)
     assert len(stored) == 2 and all(k.startswith("imagegw/") for k in stored)
@@ -110,8 +129,9 @@ async def test_sdk_url_is_a_presigned_s3_link_that_downloads(gateway_factory: Ga
                 assert image.size == (256, 192)
 
     # the same objects back b64_json answers and the owner's /v1/files route
-    b64 = await gw.client().images.generate(prompt="a quay", model="imagegw-local", size="64x64",
-                                            response_format="b64_json")
+    b64 = await gw.client().images.generate(
+        prompt="a quay", model="imagegw-local", size="64x64", response_format="b64_json"
+    )
     assert b64.data[0].b64_json and len(keys_in(admin, bucket)) == 3
     job_id, file = stored[0].removeprefix("imagegw/").split("/")
     async with http.get(f"{gw.url}/v1/files/{job_id}/{file}", headers={"Authorization": "Bearer k"}) as resp:
@@ -120,12 +140,19 @@ async def test_sdk_url_is_a_presigned_s3_link_that_downloads(gateway_factory: Ga
         assert resp.status == 403 and (await resp.json())["error"]["code"] == "invalid_signature"
 
 
-async def test_tampered_and_expired_links_are_refused(gateway_factory: GatewayFactory, bucket: str,
-                                                      moto_url: str) -> None:
-    gw = await gateway_factory(storage="s3", s3_bucket=bucket, s3_endpoint_url=moto_url, url_ttl=30,
-                               s3_public_endpoint_url="http://images.example.test:9000")
-    result = await gw.client().images.generate(prompt="a pier", model="imagegw-local", size="64x64",
-                                               response_format="url")
+async def test_tampered_and_expired_links_are_refused(
+    gateway_factory: GatewayFactory, bucket: str, moto_url: str
+) -> None:
+    gw = await gateway_factory(
+        storage="s3",
+        s3_bucket=bucket,
+        s3_endpoint_url=moto_url,
+        url_ttl=30,
+        s3_public_endpoint_url="http://images.example.test:9000",
+    )
+    result = await gw.client().images.generate(
+        prompt="a pier", model="imagegw-local", size="64x64", response_format="url"
+    )
     url = result.data[0].url or ""
     assert url.startswith(f"http://images.example.test:9000/{bucket}/imagegw/")  # signed for the public host
     now = time.time()
@@ -133,14 +160,27 @@ async def test_tampered_and_expired_links_are_refused(gateway_factory: GatewayFa
     assert s3_rejects(url, SECRET_KEY, now + 31) == "expired"
     assert s3_rejects(url, "another-secret", now) == "signature mismatch"
     assert s3_rejects(url.replace("/0.png", "/1.png"), SECRET_KEY, now) == "signature mismatch"
-    assert s3_rejects(url.replace("X-Amz-Expires=30", "X-Amz-Expires=3000"), SECRET_KEY, now) == "signature mismatch"
-    assert s3_rejects(url.replace("images.example.test:9000", moto_url.removeprefix("http://")), SECRET_KEY,
-                      now) == "signature mismatch"
+    assert (
+        s3_rejects(url.replace("X-Amz-Expires=30", "X-Amz-Expires=3000"), SECRET_KEY, now)
+        == "signature mismatch"
+    )
+    assert (
+        s3_rejects(url.replace("images.example.test:9000", moto_url.removeprefix("http://")), SECRET_KEY, now)
+        == "signature mismatch"
+    )
 
 
-async def test_objects_are_deleted_per_job_and_after_their_lifetime(bucket: str, admin: Any, moto_url: str) -> None:
-    settings = Settings(_env_file=None, storage="s3", s3_bucket=bucket, s3_endpoint_url=moto_url,  # type: ignore[call-arg]
-                        s3_prefix="gw/", job_ttl=3600)
+async def test_objects_are_deleted_per_job_and_after_their_lifetime(
+    bucket: str, admin: Any, moto_url: str
+) -> None:
+    settings = Settings(
+        _env_file=None,
+        storage="s3",
+        s3_bucket=bucket,
+        s3_endpoint_url=moto_url,  # type: ignore[call-arg]
+        s3_prefix="gw/",
+        job_ttl=3600,
+    )
     redis = RedisFactory(settings)()
     admin.put_object(Bucket=bucket, Key="someone-else/0.png", Body=PNG)  # outside our prefix: never touched
     async with open_s3_storage(settings, redis) as storage:
@@ -172,7 +212,14 @@ async def test_misconfiguration_stops_start_up(moto_url: str) -> None:
         async with open_s3_storage(Settings(_env_file=None, storage="s3"), redis):  # type: ignore[call-arg]
             pass
     with pytest.raises(ValueError, match="presigned S3 links last at most 604800 seconds"):
-        async with open_s3_storage(Settings(_env_file=None, storage="s3", s3_bucket="b",  # type: ignore[call-arg]
-                                            url_ttl=8 * 24 * 3600), redis):
+        async with open_s3_storage(
+            Settings(
+                _env_file=None,
+                storage="s3",
+                s3_bucket="b",  # type: ignore[call-arg]
+                url_ttl=8 * 24 * 3600,
+            ),
+            redis,
+        ):
             pass
     await redis.aclose()

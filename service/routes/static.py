@@ -5,11 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
 
 
-def page(relative: str) -> web.Handler:
+def page(relative: str) -> Handler:
     """A handler answering with one HTML file from the static directory."""
     path = STATIC_DIR / relative
 
