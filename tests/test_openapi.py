@@ -6,10 +6,12 @@ import asyncio
 from typing import Any
 
 import aiohttp
+import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 from hypothesis.errors import Unsatisfiable
 from schemathesis.checks import not_a_server_error
+from schemathesis.core.failures import FailureGroup
 from schemathesis.specs.openapi.checks import (
     content_type_conformance,
     response_schema_conformance,
@@ -163,3 +165,13 @@ async def test_a_real_flow_conforms_to_the_document(gateway_factory: GatewayFact
     gw = await gateway_factory(config=contract_config())
     doc = await fetch_document(gw.url)
     await asyncio.to_thread(run_known_flow, doc, gw.url)
+
+
+async def test_a_document_that_drifted_from_the_server_is_caught(gateway_factory: GatewayFactory) -> None:
+    """The check can fail: the same run against a document demanding a field the server never sends."""
+    gw = await gateway_factory(config=contract_config())
+    doc = await fetch_document(gw.url)
+    doc["paths"] = {"/v1/models": doc["paths"]["/v1/models"]}
+    doc["components"]["schemas"]["ModelCard"]["required"].append("owner_email")
+    with pytest.raises(FailureGroup, match="Response violates schema"):
+        await asyncio.to_thread(run_cases, doc, gw.url, 2)
