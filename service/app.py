@@ -15,9 +15,13 @@ from service.connections import RedisFactory, open_storage
 from service.dispatch import Dispatcher
 from service.fetch import UrlFetcher
 from service.jobs import JobStore
-from service.middleware import auth_middleware, error_middleware
+from service.keys import KeyStore
+from service.metrics import Metrics
+from service.middleware import add_request_id, auth_middleware, error_middleware, observe_middleware
 from service.progress import JobEventManager, ProgressHub, ProgressNamespace, ProgressPublisher
-from service.routes import chat, docs, edits, files, health, images, jobs, models, playground, static
+from service.routes import admin, chat, docs, edits, files, health, images, jobs, models, playground, static
+from service.routes import metrics as metrics_route
+from service.routes import usage as usage_route
 from service.settings import GatewayConfig, Settings, load_config
 from service.state import (
     CONFIG,
@@ -25,6 +29,7 @@ from service.state import (
     FETCHER,
     HUB,
     KEYS,
+    METRICS,
     REDIS,
     REDIS_FACTORY,
     SETTINGS,
@@ -38,6 +43,7 @@ log = logging.getLogger(__name__)
 async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
     redis = app[REDIS_FACTORY]()
     app[REDIS] = redis
+    app[KEYS].store = KeyStore(redis)
     yield
     await redis.aclose()
 
@@ -59,7 +65,7 @@ async def progress_ctx(app: web.Application) -> AsyncIterator[None]:
     keys = app[KEYS]
 
     async def authenticate(token: str | None) -> str | None:
-        principal = keys.lookup(bearer_token(token) if token else None)
+        principal = await keys.lookup(bearer_token(token) if token else None)
         return principal.owner if principal else None
 
     sio.register_namespace(ProgressNamespace(hub, authenticate))
@@ -112,8 +118,11 @@ async def in_process_worker_ctx(app: web.Application) -> AsyncIterator[None]:
 
 def create_app(settings: Settings, config: GatewayConfig | None = None) -> web.Application:
     config = config or load_config(settings.config)
-    keys = KeyRing(config.keys)
-    app = web.Application(middlewares=[error_middleware, auth_middleware], client_max_size=settings.max_body_bytes)
+    keys = KeyRing(config.keys, settings.admin_token, settings.webhook_secret)
+    app = web.Application(middlewares=[observe_middleware, error_middleware, auth_middleware],
+                          client_max_size=settings.max_body_bytes)
+    app.on_response_prepare.append(add_request_id)
+    app[METRICS] = Metrics()
     app[SETTINGS] = settings
     app[CONFIG] = config
     app[KEYS] = keys
@@ -129,4 +138,7 @@ def create_app(settings: Settings, config: GatewayConfig | None = None) -> web.A
     static.setup(app)
     playground.setup(app)
     docs.setup(app)
+    admin.setup(app)
+    usage_route.setup(app)
+    metrics_route.setup(app)
     return app

@@ -3,15 +3,26 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Awaitable, Callable
 
 from service.auth import Principal
 from service.errors import Conflict, NotFound
+from service.fetch import AddressPolicy
+from service.idempotency import IdempotencyClaim, IdempotencyStore
 from service.jobs import JobFailure, JobRecord, JobStore, new_job_id
+from service.limits import Limiter
+from service.logs import JOB_ID
 from service.progress import ProgressHub, ProgressPublisher
-from service.schemas import ImageSpec
+from service.schemas import ImageSpec, WebhookDelivery
 from service.settings import GatewayConfig, Settings
+from service.settlement import Settlement
+from service.webhooks import check_webhook
+
+log = logging.getLogger(__name__)
+
+CAPABILITY = {"generate": "generate", "edit": "edit", "variation": "edit"}
 
 InlineRunner = Callable[[str], Awaitable[None]]
 
@@ -26,33 +37,88 @@ class Dispatcher:
         self.hub = hub
         self.inline: InlineRunner | None = None  # set when this process can run jobs itself
         self.inline_tasks: dict[str, asyncio.Task[None]] = {}
+        self.limiter = Limiter(store.redis, settings)
+        self.settlement = Settlement(store.redis, settings, config)
+        self.idempotency = IdempotencyStore(store.redis, settings.job_ttl)
+        self.webhook_policy = AddressPolicy(list(settings.fetch_allowed_networks))
 
     def runs_inline(self, model: str) -> bool:
         return self.inline is not None and self.config.models[model].dispatch == "inline"
 
     async def submit(self, spec: ImageSpec, principal: Principal, base_url: str, *, wait: bool,
-                     job_id: str | None = None) -> tuple[JobRecord, JobRecord | None]:
+                     job_id: str | None = None, idempotency: IdempotencyClaim | None = None
+                     ) -> tuple[JobRecord, JobRecord | None]:
         """Create the job; with `wait`, also wait for its end. Returns (record as created, terminal record or
         None when the wait timed out or was not asked for). `job_id` is given when the caller needed the id
-        first: to store an edit's input images under it, or to listen to the job's events before it runs."""
+        first: to store an edit's input images under it, or to listen to the job's events before it runs.
+        With `idempotency`, a retry of an earlier request gets that request's job instead (compare the ids)."""
+        principal.check_model(spec.model)
+        principal.require(CAPABILITY[spec.operation])
+        if spec.stream:
+            principal.require("stream")
+        webhook_url = spec.webhook_url or principal.webhook_url
+        if webhook_url is not None:
+            check_webhook(webhook_url, self.webhook_policy, principal)
+            spec = spec.model_copy(update={"webhook_url": webhook_url})
         record = JobRecord(id=job_id or new_job_id(), owner=principal.owner, model=spec.model, spec=spec,
-                           base_url=base_url, created_at=time.time())
+                           base_url=base_url, created_at=time.time(),
+                           webhook=WebhookDelivery(url=webhook_url) if webhook_url else None)
+        if idempotency is not None:
+            original = await self.idempotency.claim(principal.owner, idempotency, record.id)
+            if original is not None:
+                return await self._replay(original, principal, wait=wait)
+        JOB_ID.set(record.id)
         inline = self.runs_inline(spec.model)
         future = self.hub.expect(record.id) if wait else None
         try:
-            await self.store.create(record, enqueue=not inline)
-            if inline:
-                assert self.inline is not None
-                task = asyncio.create_task(self.inline(record.id))
-                self.inline_tasks[record.id] = task
-                task.add_done_callback(lambda _: self.inline_tasks.pop(record.id, None))
+            await self._create(record, principal, inline=inline, idempotency=idempotency)
         except BaseException:
             if future is not None:
                 self.hub.forget(record.id, future)
             raise
+        log.info("job created", extra={"key_id": principal.key_id, "model": spec.model, "n": spec.n,
+                                       "operation": spec.operation})
         if future is None:
             return record, None
         return record, await self.hub.wait(record.id, future, self.settings.sync_timeout)
+
+    async def _create(self, record: JobRecord, principal: Principal, *, inline: bool,
+                      idempotency: IdempotencyClaim | None) -> None:
+        """Admission, then the job. What fails gives back what was taken: limit slots, the idempotency key."""
+        try:
+            await self.limiter.admit(principal, record.id, record.spec.n, queued=not inline)
+            try:
+                await self.store.create(record, enqueue=not inline)
+            except BaseException:
+                await asyncio.shield(self.settlement.abandon(record))
+                raise
+        except BaseException:
+            if idempotency is not None:
+                await asyncio.shield(self.idempotency.release(principal.owner, idempotency, record.id))
+            raise
+        if idempotency is not None:
+            await self.idempotency.created(principal.owner, idempotency, record.id)
+        if inline:
+            assert self.inline is not None
+            task = asyncio.create_task(self.inline(record.id))
+            self.inline_tasks[record.id] = task
+            task.add_done_callback(lambda _: self.inline_tasks.pop(record.id, None))
+
+    async def _replay(self, job_id: str, principal: Principal, *, wait: bool) -> tuple[JobRecord, JobRecord | None]:
+        """An idempotent retry: the first try's job, waited for like a new one."""
+        future = self.hub.expect(job_id) if wait else None
+        try:
+            record = await self.owned(job_id, principal)
+        except BaseException:
+            if future is not None:
+                self.hub.forget(job_id, future)
+            raise
+        if future is None:
+            return record, None
+        if record.terminal:
+            self.hub.forget(job_id, future)
+            return record, record
+        return record, await self.hub.wait(job_id, future, self.settings.sync_timeout)
 
     async def owned(self, job_id: str, principal: Principal) -> JobRecord:
         """The caller's job; another key's job is indistinguishable from a missing one."""
@@ -73,5 +139,6 @@ class Dispatcher:
         task = self.inline_tasks.get(job_id)
         if task is not None:
             task.cancel()
+        await self.settlement.settle(cancelled)
         await self.publisher.finished(cancelled)
         return cancelled

@@ -13,7 +13,7 @@ from arq.jobs import serialize_job
 from pydantic import BaseModel
 
 from service.constants import JOB_FUNCTION, JOB_KEY, WAKE_CHANNEL
-from service.schemas import ImageSpec, JobStatus
+from service.schemas import ImageSpec, JobStatus, WebhookDelivery
 
 ACTIVE: frozenset[JobStatus] = frozenset({"queued", "running"})
 TERMINAL: frozenset[JobStatus] = frozenset({"succeeded", "failed", "cancelled"})
@@ -59,6 +59,7 @@ class JobRecord(BaseModel):
     attempts: int = 0
     result: StoredResult | None = None
     failure: JobFailure | None = None
+    webhook: WebhookDelivery | None = None
 
     @property
     def terminal(self) -> bool:

@@ -1,8 +1,11 @@
-"""The two middlewares: every failure becomes an OpenAI-shaped error; every API call is authenticated."""
+"""The middlewares: every request is tagged, timed and counted; every failure becomes an OpenAI-shaped error;
+every API call is authenticated."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
@@ -10,7 +13,8 @@ from aiohttp.typedefs import Handler
 from redis.exceptions import RedisError
 
 from service.errors import GatewayError, InternalError, ServiceUnavailable, error_for_status
-from service.state import KEYS, PRINCIPAL
+from service.logs import REQUEST_ID, REQUEST_ID_HEADER, request_id_from
+from service.state import KEYS, METRICS, PRINCIPAL, REQUEST_ID_KEY
 
 log = logging.getLogger(__name__)
 
@@ -18,6 +22,49 @@ log = logging.getLogger(__name__)
 # Socket.IO transport (which authenticates in its own connect handler)
 PUBLIC_PREFIXES = ("/healthz", "/readyz", "/metrics", "/v1/files/", "/playground", "/docs", "/openapi.json",
                    "/socket.io/", "/static/")
+
+
+PROBES = ("/healthz", "/readyz", "/metrics")
+access_log = logging.getLogger("imagegw.access")
+
+
+@web.middleware
+async def observe_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Outermost: the request id (the caller's X-Request-ID or a new one) for the answer and every log line,
+    then one access-log line and the HTTP metrics. Paths are logged without their query (signed links)."""
+    request_id = request_id_from(request.headers.get(REQUEST_ID_HEADER))
+    REQUEST_ID.set(request_id)
+    request[REQUEST_ID_KEY] = request_id
+    started = time.perf_counter()
+    status = 500
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    except web.HTTPException as exc:  # what error_middleware lets through: redirects
+        status = exc.status
+        raise
+    except asyncio.CancelledError:
+        status = 499  # the client went away
+        raise
+    finally:
+        elapsed = time.perf_counter() - started
+        resource = request.match_info.route.resource
+        route = resource.canonical if resource is not None else "unmatched"
+        request.app[METRICS].observe(route, request.method, status, elapsed)
+        caller = request.get(PRINCIPAL)
+        access_log.log(logging.DEBUG if request.path.startswith(PROBES) else logging.INFO, "%s %s %d",
+                       request.method, request.path, status,
+                       extra={"method": request.method, "path": request.path, "route": route, "status": status,
+                              "duration_ms": round(elapsed * 1000, 1),
+                              "key_id": caller.key_id if caller is not None else None})
+
+
+async def add_request_id(request: web.Request, response: web.StreamResponse) -> None:
+    """`on_response_prepare`: also streamed answers, whose headers are gone before the handler returns."""
+    request_id = request.get(REQUEST_ID_KEY)
+    if request_id is not None:
+        response.headers[REQUEST_ID_HEADER] = request_id
 
 
 def error_response(error: GatewayError) -> web.Response:
@@ -52,5 +99,5 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     if not request.path.startswith(PUBLIC_PREFIXES):
-        request[PRINCIPAL] = request.app[KEYS].authenticate(request.headers.get("Authorization"))
+        request[PRINCIPAL] = await request.app[KEYS].authenticate(request.headers.get("Authorization"))
     return await handler(request)

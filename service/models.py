@@ -285,4 +285,5 @@ def resolve_spec(
         negative_prompt=request.negative_prompt,
         watermark=request.watermark,
         response_format=request.response_format or default_response_format,
+        webhook_url=request.webhook_url,
     )

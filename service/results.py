@@ -55,4 +55,5 @@ async def render_job(record: JobRecord, storage: Storage) -> Job:
         finished_at=record.finished_at,
         result=await render_result(record, storage) if record.status == "succeeded" else None,
         error=ErrorBody(**record.failure.error) if record.failure else None,
+        webhook=record.webhook,
     )

@@ -35,6 +35,7 @@ class ImageGenerationRequest(BaseModel):
     moderation: Literal["low", "auto"] | None = None
     partial_images: int | None = Field(None, ge=0, le=3)
     stream: bool | None = None
+    webhook_url: str | None = Field(None, max_length=2048, description="POSTed the job object when it ends")
     # edits (seed 002: an `image` turns a generation into an edit): URLs, data URLs or bare base64
     image: str | list[str] | None = Field(None, min_length=1)
     mask: str | None = None
@@ -100,6 +101,7 @@ class ImageSpec(BaseModel):
     input_images: list[str] = []
     mask: str | None = None
     input_fidelity: str | None = None
+    webhook_url: str | None = None  # completion webhook: the request's, else the key's default
 
     def dimensions(self) -> tuple[int, int] | None:
         """(width, height) when `size` is WIDTHxHEIGHT, else None (auto, 1K...)."""
@@ -164,6 +166,20 @@ class Readiness(BaseModel):
     error: str | None = None
 
 
+class WebhookAttempt(BaseModel):
+    at: float
+    status: int | None = Field(None, description="the receiver's HTTP status; none when it was not reached")
+    error: str | None = None
+
+
+class WebhookDelivery(BaseModel):
+    """A job's completion webhook: where it goes and every delivery attempt so far."""
+
+    url: str
+    status: Literal["pending", "delivered", "failed"] = "pending"
+    attempts: list[WebhookAttempt] = []
+
+
 class Job(BaseModel):
     """`GET /v1/images/jobs/{id}`."""
 
@@ -178,6 +194,7 @@ class Job(BaseModel):
     finished_at: float | None = None
     result: ImagesResponse | None = None
     error: ErrorBody | None = None
+    webhook: WebhookDelivery | None = None
 
 
 class ModelCard(BaseModel):

@@ -11,6 +11,7 @@ from service.connections import RedisFactory
 from service.dispatch import Dispatcher
 from service.fetch import UrlFetcher
 from service.jobs import JobStore
+from service.metrics import Metrics
 from service.progress import ProgressHub
 from service.settings import GatewayConfig, Settings
 from service.storage import Storage
@@ -27,7 +28,10 @@ SIO = web.AppKey("sio", socketio.AsyncServer)
 DISPATCHER = web.AppKey("dispatcher", Dispatcher)
 FETCHER = web.AppKey("fetcher", UrlFetcher)
 
+METRICS = web.AppKey("metrics", Metrics)
+
 PRINCIPAL = web.RequestKey("principal", Principal)  # set by the auth middleware
+REQUEST_ID_KEY = web.RequestKey("request_id", str)  # set by the observe middleware
 
 
 def principal(request: web.Request) -> Principal:

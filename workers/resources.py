@@ -12,9 +12,12 @@ import socketio
 from arq.connections import ArqRedis
 
 from service.jobs import JobStore
+from service.limits import Limiter
 from service.progress import ProgressPublisher
 from service.settings import GatewayConfig, Settings
+from service.settlement import Settlement
 from service.storage import Storage
+from service.webhooks import WebhookSender
 from workers.router import Router
 
 RESOURCES_KEY = "imagegw"
@@ -29,6 +32,9 @@ class WorkerResources:
     publisher: ProgressPublisher
     router: Router
     http: aiohttp.ClientSession
+    limiter: Limiter
+    settlement: Settlement
+    webhooks: WebhookSender
 
 
 def resources(ctx: dict[str, Any]) -> WorkerResources:
@@ -49,7 +55,9 @@ async def open_resources(
     connector = aiohttp.TCPConnector(limit=200, limit_per_host=50, ttl_dns_cache=300)
     async with aiohttp.ClientSession(connector=connector, trust_env=False) as http:
         router = Router(config, http)
+        webhooks = WebhookSender(settings)  # its own session: receivers are checked like client-given URLs
         try:
+            await webhooks.open()
             yield WorkerResources(
                 settings=settings,
                 config=config,
@@ -58,6 +66,10 @@ async def open_resources(
                 publisher=ProgressPublisher(manager),
                 router=router,
                 http=http,
+                limiter=Limiter(redis, settings),
+                settlement=Settlement(redis, settings, config),
+                webhooks=webhooks,
             )
         finally:
             await router.close()
+            await webhooks.close()

@@ -15,12 +15,13 @@ from arq.worker import func
 from redis.exceptions import RedisError
 
 from service.connections import RedisFactory, open_storage
-from service.constants import JOB_FUNCTION, WAKE_CHANNEL
+from service.constants import JOB_FUNCTION, WAKE_CHANNEL, WEBHOOK_FUNCTION
 from service.jobs import json_deserializer, json_serializer
 from service.progress import JobEventManager
 from service.settings import GatewayConfig, Settings, load_config
 from workers.resources import RESOURCES_KEY, WorkerResources, open_resources
 from workers.tasks import MAX_ATTEMPTS, run_image_job
+from workers.webhooks import MAX_DELIVERY_RUNS, deliver_webhook
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +108,8 @@ def build_worker(
 ) -> ImageWorker:
     job_timeout = max((m.timeout for m in config.models.values()), default=600.0) + 60
     return ImageWorker(
-        functions=[func(run_image_job, name=JOB_FUNCTION, max_tries=MAX_ATTEMPTS + 1)],
+        functions=[func(run_image_job, name=JOB_FUNCTION, max_tries=MAX_ATTEMPTS + 1),
+                   func(deliver_webhook, name=WEBHOOK_FUNCTION, max_tries=MAX_DELIVERY_RUNS)],
         queue_name=settings.queue_name,
         redis_pool=redis,
         ctx={RESOURCES_KEY: res},

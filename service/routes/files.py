@@ -27,7 +27,7 @@ async def get_file(request: web.Request) -> web.Response:
         if signer is None or not signer.verify(name, query.expires or "", query.signature or ""):
             raise PermissionDenied("This link is invalid or has expired.", code="invalid_signature")
     else:
-        caller = request.app[KEYS].authenticate(request.headers.get("Authorization"))
+        caller = await request.app[KEYS].authenticate(request.headers.get("Authorization"))
         await request.app[DISPATCHER].owned(request.match_info["job_id"], caller)
     data = await storage.get(name)
     if data is None:

@@ -1,0 +1,162 @@
+"""Admission control: per-key rate, concurrency and budget limits plus the global queue cap, decided
+atomically in Redis so that any number of front-end processes enforce them exactly.
+
+Windows are sliding logs (a sorted set of admissions scored by Redis server time in ms), so "5 per minute"
+means at most 5 in any 60 s, never 10 across a window boundary. Concurrent and queued jobs are leases: a job's
+id scored by the time its slot lapses on its own, so a front end or worker that dies without releasing
+cannot hold the slot forever. A worker shortens the lease when it starts the job; the job's settlement
+(service/settlement.py) releases both slots and refunds the budget of the images not made.
+"""
+
+from __future__ import annotations
+
+import math
+
+from arq.connections import ArqRedis
+
+from service.auth import Principal
+from service.constants import BUDGET_USED, LIMIT_IMAGES, LIMIT_JOBS, LIMIT_QUEUED, LIMIT_REQUESTS
+from service.errors import InvalidRequest, RateLimited, ServiceUnavailable
+from service.settings import Settings
+
+WINDOW_MS = 60_000
+# when a job slot frees is unknowable; clients retrying after a second are told the truth soon enough
+SLOT_RETRY_AFTER = 1
+QUEUE_FULL_RETRY_AFTER = 5
+START_LEASE_MARGIN = 60.0  # seconds a started job's slot outlives its model timeout
+
+_ADMIT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local job, n = ARGV[1], tonumber(ARGV[2])
+local rpm, ipm, conc, queued = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
+local budget, cap, lease, window = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9]), tonumber(ARGV[10])
+local enqueue = ARGV[11] == '1'
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - window)
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - window)
+redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
+redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now)
+if enqueue and cap >= 0 then
+  local depth = redis.call('ZCOUNT', KEYS[6], '-inf', now)
+  if depth >= cap then return {'queue_full', 0, cap, depth} end
+end
+if rpm >= 0 then
+  local count = redis.call('ZCARD', KEYS[1])
+  if count >= rpm then
+    local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+    return {'requests', tonumber(oldest[2]) + window - now, rpm, count}
+  end
+end
+if ipm >= 0 then
+  local entries = redis.call('ZRANGE', KEYS[2], 0, -1, 'WITHSCORES')
+  local used = 0
+  for i = 1, #entries, 2 do used = used + tonumber(string.match(entries[i], ':(%d+)$')) end
+  if used + n > ipm then
+    local freed, retry = 0, window
+    for i = 1, #entries, 2 do
+      freed = freed + tonumber(string.match(entries[i], ':(%d+)$'))
+      if used - freed + n <= ipm then
+        retry = tonumber(entries[i + 1]) + window - now
+        break
+      end
+    end
+    return {'images', retry, ipm, used}
+  end
+end
+if conc >= 0 then
+  local count = redis.call('ZCARD', KEYS[3])
+  if count >= conc then return {'concurrent', 0, conc, count} end
+end
+if enqueue and queued >= 0 then
+  local count = redis.call('ZCARD', KEYS[4])
+  if count >= queued then return {'queued', 0, queued, count} end
+end
+if budget >= 0 then
+  local used = tonumber(redis.call('GET', KEYS[5]) or '0')
+  if used + n > budget then return {'budget', 0, budget, used} end
+end
+redis.call('ZADD', KEYS[1], now, job)
+redis.call('PEXPIRE', KEYS[1], window)
+redis.call('ZADD', KEYS[2], now, job .. ':' .. n)
+redis.call('PEXPIRE', KEYS[2], window)
+redis.call('ZADD', KEYS[3], now + lease, job)
+redis.call('PEXPIRE', KEYS[3], lease)
+if enqueue then
+  redis.call('ZADD', KEYS[4], now + lease, job)
+  redis.call('PEXPIRE', KEYS[4], lease)
+end
+redis.call('INCRBY', KEYS[5], n)
+return {'ok', 0, 0, 0}
+"""
+
+# A worker took the job: it no longer waits, and its slot now lapses with the model's timeout.
+_STARTED = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('ZADD', KEYS[1], 'XX', now + tonumber(ARGV[2]), ARGV[1])
+return 1
+"""
+
+
+def limit_keys(owner: str) -> list[str]:
+    """The Redis keys of one owner's admission state, in the order the scripts take them."""
+    return [LIMIT_REQUESTS.format(owner), LIMIT_IMAGES.format(owner), LIMIT_JOBS.format(owner),
+            LIMIT_QUEUED.format(owner), BUDGET_USED.format(owner)]
+
+
+def _limit(value: int | None) -> int:
+    return -1 if value is None else value
+
+
+def _seconds(ms: int) -> int:
+    return max(1, math.ceil(ms / 1000))
+
+
+class Limiter:
+    def __init__(self, redis: ArqRedis, settings: Settings) -> None:
+        self.redis = redis
+        self.settings = settings
+        self._admit = redis.register_script(_ADMIT)
+        self._started = redis.register_script(_STARTED)
+
+    async def admit(self, principal: Principal, job_id: str, images: int, *, queued: bool) -> None:
+        """Take a request slot, `images` from the image window and budget, and a job slot (plus a queue slot
+        when the job goes to the queue) for `job_id` - all or nothing - or raise the error saying which
+        limit stopped it."""
+        limits = principal.limits
+        if limits.images_per_minute is not None and images > limits.images_per_minute:
+            raise InvalidRequest(f"Invalid 'n': this API key may request at most {limits.images_per_minute} "
+                                 "images per minute.", param="n", code="integer_above_max_value")
+        reply = await self._admit(
+            keys=[*limit_keys(principal.owner), self.settings.queue_name],
+            args=[job_id, images, _limit(limits.requests_per_minute), _limit(limits.images_per_minute),
+                  _limit(limits.concurrent_jobs), _limit(limits.queued_jobs), _limit(principal.image_budget),
+                  _limit(self.settings.max_queue_depth), self.settings.job_ttl * 1000, WINDOW_MS,
+                  "1" if queued else "0"],
+        )
+        verdict, retry_ms, limit, used = reply[0].decode(), int(reply[1]), int(reply[2]), int(reply[3])
+        if verdict == "ok":
+            return
+        if verdict == "queue_full":
+            raise ServiceUnavailable("The gateway is at capacity: too many jobs are waiting. Please retry "
+                                     "later.", code="queue_full",
+                                     headers={"Retry-After": str(QUEUE_FULL_RETRY_AFTER)})
+        if verdict == "budget":
+            # a spent budget does not come back by waiting: no Retry-After, as OpenAI's insufficient_quota
+            raise RateLimited(f"This API key has used {used} of its budget of {limit} images.",
+                              code="insufficient_quota")
+        what = {"requests": "requests per minute", "images": "images per minute",
+                "concurrent": "concurrent jobs", "queued": "queued jobs"}[verdict]
+        retry = _seconds(retry_ms) if retry_ms > 0 else SLOT_RETRY_AFTER
+        raise RateLimited(
+            f"Rate limit reached for {what} on this API key: limit {limit}, in use {used}. "
+            f"Please try again in {retry}s.",
+            headers={"Retry-After": str(retry)},
+        )
+
+    async def started(self, owner: str, job_id: str, run_for: float) -> None:
+        """The job left the queue; its slot now lapses `run_for` seconds (its model's timeout) from now."""
+        lease_ms = int((run_for + START_LEASE_MARGIN) * 1000)
+        await self._started(keys=[LIMIT_JOBS.format(owner), LIMIT_QUEUED.format(owner)],
+                            args=[job_id, lease_ms])
