@@ -56,26 +56,6 @@ class Settings(BaseSettings):
     fetch_allowed_networks: list[IPvAnyNetwork] = Field(
         [], description="CIDRs image URLs may reach although they are loopback/private/link-local (tests, intranets)"
     )
-    log_format: Literal["json", "text"] = Field("json", description="json: one object per line, for log shippers")
-    # multi-tenancy: the admin API, admission control, usage and completion webhooks
-    admin_token: SecretStr | None = Field(None, description="Bearer token of the /admin API; also turns dev mode off")
-    max_queue_depth: int | None = Field(None, ge=1, description="waiting jobs beyond which new work gets 503")
-    usage_retention: int = Field(400 * 24 * 3600, ge=3600, description="how long usage records are kept, seconds")
-    webhook_secret: SecretStr | None = Field(
-        None, description="signs the webhooks of config-file keys (keys created through the admin API have their own)"
-    )
-    webhook_timeout: float = Field(10.0, gt=0, description="seconds one webhook delivery attempt may take")
-    webhook_retry_for: float = Field(3600.0, ge=0, description="how long a failing webhook is retried, seconds")
-    webhook_backoff: float = Field(2.0, gt=0, description="seconds before the first webhook retry, doubled up to 5 min")
-    # input images of edits and variations (uploads, base64 and fetched URLs alike)
-    max_input_image_bytes: int = Field(25 * 1024 * 1024, ge=1, description="largest accepted input image, bytes")
-    max_input_pixels: int = Field(40_000_000, ge=1, description="largest declared width x height of an input image")
-    max_input_images: int = Field(16, ge=1, description="most input images one edit may carry")
-    fetch_timeout: float = Field(20.0, gt=0, description="seconds to download one image URL, redirects included")
-    fetch_max_redirects: int = Field(5, ge=0)
-    fetch_allowed_networks: list[IPvAnyNetwork] = Field(
-        [], description="CIDRs image URLs may reach although they are loopback/private/link-local (tests, intranets)"
-    )
     # where finished images live: a local directory served through signed /v1/files links, or an S3 bucket whose
     # presigned links clients download from directly (credentials: the standard AWS_* variables)
     storage: Literal["local", "s3"] = "local"
