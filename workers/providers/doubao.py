@@ -45,6 +45,7 @@ from workers.providers.images_api import (
     CONTENT_POLICY,
     MAX_IMAGE_BYTES,
     ErrorRule,
+    bearer_headers,
     download_image,
     raise_for_status,
     upstream_error,
@@ -127,11 +128,6 @@ class DoubaoProvider(Provider):
     type = "doubao"
     Options = DoubaoOptions
 
-    def check_deployment(self, deployment: Deployment) -> None:
-        super().check_deployment(deployment)
-        if not deployment.api_key:
-            raise ValueError(f"provider {deployment.provider!r} has no API key: set the api_key_env variable")
-
     async def generate(self, request: ImageRequest, deployment: Deployment, progress: ProgressReporter
                        ) -> ProviderResult:
         spec = request.spec
@@ -167,8 +163,8 @@ class DoubaoProvider(Provider):
 
     async def _call(self, client: UpstreamClient, deployment: Deployment, options: DoubaoOptions,
                     body: dict[str, Any]) -> ArkAnswer:
-        headers = {**deployment.headers, "Authorization": f"Bearer {deployment.api_key}"}
-        answer = await client.post_json(f"{deployment.base_url or DEFAULT_BASE_URL}{PATH}", body, headers)
+        answer = await client.post_json(f"{deployment.base_url or DEFAULT_BASE_URL}{PATH}", body,
+                                        bearer_headers(deployment))
         raise_for_status(client, ARK_ERRORS, answer)
         data = answer.body.get("data") if isinstance(answer.body, dict) else None
         if not isinstance(data, list) or not all(isinstance(item, dict) for item in data):

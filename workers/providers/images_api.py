@@ -11,7 +11,7 @@ from typing import Any
 import aiohttp
 
 from service.errors import GatewayError
-from workers.providers.base import GeneratedImage, sniff_format
+from workers.providers.base import Deployment, GeneratedImage, sniff_format
 from workers.providers.upstream_client import (
     FailureKind,
     JsonAnswer,
@@ -25,6 +25,15 @@ ErrorRule = tuple[str, FailureKind, str | None]
 
 CONTENT_POLICY = "content_policy_violation"
 MAX_IMAGE_BYTES = 50 * 1024 * 1024
+
+
+def bearer_headers(deployment: Deployment) -> dict[str, str]:
+    """The deployment's own headers plus `Authorization: Bearer <key>` (none without a key: the upstream's
+    401 then says so, and `imagegw check-config` warns about the unset variable)."""
+    headers = dict(deployment.headers)
+    if deployment.api_key:
+        headers["Authorization"] = f"Bearer {deployment.api_key}"
+    return headers
 
 
 def error_fields(body: Any) -> tuple[str | None, str, str | None]:

@@ -35,6 +35,7 @@ from workers.providers.images_api import (
     CONTENT_POLICY,
     MAX_IMAGE_BYTES,
     ErrorRule,
+    bearer_headers,
     download_image,
     raise_for_status,
 )
@@ -85,11 +86,6 @@ class ZaiProvider(Provider):
     type = "zai"
     Options = ZaiOptions
 
-    def check_deployment(self, deployment: Deployment) -> None:
-        super().check_deployment(deployment)
-        if not deployment.api_key:
-            raise ValueError(f"provider {deployment.provider!r} has no API key: set the api_key_env variable")
-
     async def generate(self, request: ImageRequest, deployment: Deployment, progress: ProgressReporter
                        ) -> ProviderResult:
         spec = request.spec
@@ -97,7 +93,7 @@ class ZaiProvider(Provider):
         assert isinstance(options, ZaiOptions)
         client = UpstreamClient(self.http, self.type, deployment)
         url = f"{deployment.base_url or DEFAULT_BASE_URL}{PATH}"
-        headers = {**deployment.headers, "Authorization": f"Bearer {deployment.api_key}"}
+        headers = bearer_headers(deployment)
         payload = cogview_body(spec, deployment.upstream_model)
 
         async def one(_index: int, _count: int) -> GeneratedImage:
