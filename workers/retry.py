@@ -11,7 +11,8 @@ from service.settings import RetryConfig
 from workers.providers.base import Deployment
 
 # Failures that calling the same deployment again cannot fix; another deployment may still serve.
-PERMANENT_CODES = frozenset({"upstream_auth_failed", "upstream_account_error"})
+# A ComfyUI node that raised (workflow_failed) fails the same way on the next run of the same workflow.
+PERMANENT_CODES = frozenset({"upstream_auth_failed", "upstream_account_error", "workflow_failed"})
 
 
 def backoff_delay(policy: RetryConfig, failures: int, retry_after: float | None) -> float:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import math
 from collections import Counter, defaultdict
@@ -54,7 +55,11 @@ class Router:
         for model, model_config in config.models.items():
             resolved = []
             for i, dep in enumerate(model_config.deployments):
-                deployment = Deployment.resolve(model, i, dep.provider, config.providers[dep.provider], dep)
+                provider_config = config.providers[dep.provider]
+                deployment = Deployment.resolve(model, i, dep.provider, provider_config, dep)
+                if (self.providers[dep.provider].long_running and dep.timeout is None
+                        and "timeout" not in provider_config.model_fields_set):
+                    deployment = dataclasses.replace(deployment, timeout=model_config.timeout)
                 try:
                     self.providers[dep.provider].check_deployment(deployment)
                 except ValueError as exc:

@@ -1,10 +1,10 @@
-"""Several ComfyUI instances behind one provider: least-loaded choice, per-instance concurrency, down-marking."""
+"""Several ComfyUI instances behind one provider: least-loaded choice, slots per instance, down-marks."""
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
@@ -28,12 +28,14 @@ class Farm:
     """Hands out instances. Load is this process's running jobs plus what the instance's own `/queue`
     reports, so workers in other processes sharing the farm are taken into account too."""
 
-    def __init__(self, urls: list[str], concurrency: int, retry_after: float, http: aiohttp.ClientSession) -> None:
+    def __init__(self, urls: list[str], concurrency: int, retry_after: float,
+                 http: aiohttp.ClientSession) -> None:
         self.instances = [Instance(url.rstrip("/")) for url in urls]
         self.concurrency = concurrency
         self.retry_after = retry_after
         self.http = http
         self._changed = asyncio.Condition()
+        self._releases = 0  # bumped on every release: a chooser that raced one looks again at once
 
     def mark_down(self, instance: Instance) -> None:
         instance.down_until = time.monotonic() + self.retry_after
@@ -48,25 +50,30 @@ class Farm:
             return None
 
     @asynccontextmanager
-    async def lease(self) -> AsyncIterator[Instance]:
-        """The least-loaded healthy instance with a free slot, held for the block; waits while all are busy."""
-        instance = await self._acquire()
+    async def lease(self, on_wait: Callable[[], Awaitable[None]]) -> AsyncIterator[Instance]:
+        """The least-loaded healthy instance with a free slot, held for the block; while all are busy it
+        calls `on_wait` once and waits."""
+        instance = await self._acquire(on_wait)
         try:
             yield instance
         finally:
             async with self._changed:
                 instance.active -= 1
+                self._releases += 1
                 self._changed.notify_all()
 
-    async def _acquire(self) -> Instance:
+    async def _acquire(self, on_wait: Callable[[], Awaitable[None]]) -> Instance:
+        waited = False
         while True:
+            releases = self._releases
             candidates = [i for i in self.instances if i.healthy and i.active < self.concurrency]
             if not candidates and not any(i.healthy for i in self.instances):
                 # everything is marked down: probe the one that has waited longest instead of failing at once
                 candidates = [min(self.instances, key=lambda i: i.down_until)]
                 candidates[0].down_until = 0.0
             loads = await asyncio.gather(*(self._remote_load(i) for i in candidates))
-            ranked = sorted((i.active + load, n, i) for n, (i, load) in enumerate(zip(candidates, loads, strict=True))
+            ranked = sorted((i.active + load, n, i)
+                            for n, (i, load) in enumerate(zip(candidates, loads, strict=True))
                             if load is not None and i.active < self.concurrency)
             if ranked:
                 instance = ranked[0][2]
@@ -74,7 +81,12 @@ class Farm:
                 return instance
             if not any(i.healthy for i in self.instances):
                 raise UpstreamError("No ComfyUI instance is reachable.", code="upstream_unavailable")
+            if not waited:
+                waited = True
+                await on_wait()
             async with self._changed:
+                if releases != self._releases:
+                    continue
                 try:
                     await asyncio.wait_for(self._changed.wait(), 1.0)
                 except TimeoutError:

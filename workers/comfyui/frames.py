@@ -40,7 +40,8 @@ def decode(frame: bytes) -> BinaryFrame | None:
             return None
         image = body[4 + length:]
         fmt = str(metadata.get("image_type", "")).removeprefix("image/") or _sniff(image)
-        return BinaryFrame(event, image=image, image_format="jpeg" if fmt == "jpg" else fmt, metadata=metadata)
+        fmt = "jpeg" if fmt == "jpg" else fmt
+        return BinaryFrame(event, image=image, image_format=fmt, metadata=metadata)
     if event == TEXT and len(body) >= 4:
         (length,) = struct.unpack(">I", body[:4])
         return BinaryFrame(event, node_id=body[4:4 + length].decode(errors="replace"),

@@ -47,18 +47,22 @@ class WorkflowTemplate:
             raise ValueError(f"workflow {path}: cannot read: {exc.strerror}") from None
         except ValueError as exc:
             raise ValueError(f"workflow {path}: invalid JSON: {exc}") from None
-        if not isinstance(graph, dict) or not all(isinstance(n, dict) and "class_type" in n for n in graph.values()):
+        if not isinstance(graph, dict) or not all(isinstance(n, dict) and "class_type" in n
+                                                  for n in graph.values()):
             raise ValueError(f"workflow {path}: not an API-format workflow (save it with 'Export (API)')")
         self.graph: dict[str, dict[str, Any]] = graph
         self.bindings: dict[str, Binding] = {}
         for field, target in bindings.model_dump(exclude_none=True).items():
             node, sep, name = target.partition(".")
             if not sep:
-                raise ValueError(f"workflow {path}: inputs.{field} must look like '<node id>.<input>', got {target!r}")
+                raise ValueError(f"workflow {path}: inputs.{field} must look like '<node id>.<input>', "
+                                 f"got {target!r}")
             if node not in graph:
-                raise ValueError(f"workflow {path}: inputs.{field} names node '{node}', which is not in the workflow")
+                raise ValueError(f"workflow {path}: inputs.{field} names node '{node}', "
+                                 "which is not in the workflow")
             if name not in graph[node].get("inputs", {}):
-                raise ValueError(f"workflow {path}: inputs.{field}: node '{node}' ({graph[node]['class_type']}) "
+                raise ValueError(f"workflow {path}: inputs.{field}: node '{node}' "
+                                 f"({graph[node]['class_type']}) "
                                  f"has no input '{name}'")
             self.bindings[field] = Binding(node, name)
         if outputs is None:
@@ -67,7 +71,8 @@ class WorkflowTemplate:
             if nid not in graph:
                 raise ValueError(f"workflow {path}: output node '{nid}' is not in the workflow")
         if not outputs:
-            raise ValueError(f"workflow {path}: no output node (SaveImage or SaveImageWebsocket); declare `outputs`")
+            raise ValueError(f"workflow {path}: no output node (SaveImage or SaveImageWebsocket); "
+                             "declare `outputs`")
         self.outputs = frozenset(outputs)
 
     def takes(self, field: str) -> bool:

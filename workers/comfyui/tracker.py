@@ -7,9 +7,44 @@ from typing import Any
 
 from workers.comfyui.frames import BinaryFrame
 
-LOADER_HINTS = ("Loader", "LoadImage", "Load")
-DECODER_HINTS = ("VAEDecode",)
-SAVER_HINTS = ("Save", "Preview")
+# (substring of a node's class type, stage text), first match wins
+STAGES = (
+    ("VAEDecode", "decoding"),
+    ("VAEEncode", "encoding the input image"),
+    ("TextEncode", "encoding the prompt"),
+    ("Save", "saving"),
+    ("Preview", "saving"),
+    ("Load", "loading"),
+)
+
+
+def _is_link(value: Any) -> bool:
+    return isinstance(value, list) and len(value) == 2 and isinstance(value[1], int)
+
+
+def _is_sampler(class_type: str) -> bool:
+    return "Sampler" in class_type and not class_type.endswith("Select")
+
+
+def node_weights(graph: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """Samplers dominate a workflow's time: each weighs its step count (its own `steps`, else the nearest
+    upstream one, as SamplerCustom's scheduler holds it); every other node weighs one step."""
+
+    def steps(nid: str, seen: set[str]) -> int | None:
+        inputs = graph.get(nid, {}).get("inputs", {})
+        own = inputs.get("steps")
+        if isinstance(own, int) and own > 0:
+            return own
+        for value in inputs.values():
+            if _is_link(value) and str(value[0]) not in seen:
+                seen.add(str(value[0]))
+                found = steps(str(value[0]), seen)
+                if found is not None:
+                    return found
+        return None
+
+    return {nid: float(steps(nid, {nid}) or 1) if _is_sampler(str(node.get("class_type", ""))) else 1.0
+            for nid, node in graph.items()}
 
 
 @dataclass
@@ -29,6 +64,7 @@ class PromptTracker:
     outputs: frozenset[str]
     started: bool = False
     finished: bool = False
+    cached: bool = False  # every node came from ComfyUI's cache
     current: str | None = None
     queue_position: int | None = None
     node_fraction: dict[str, float] = field(default_factory=dict)
@@ -38,10 +74,7 @@ class PromptTracker:
     outcome: PromptOutcome = field(default_factory=PromptOutcome)
 
     def __post_init__(self) -> None:
-        # a sampler's steps dominate a workflow's time: weight nodes by their step count
-        self.weights = {nid: float(max(1, int(node.get("inputs", {}).get("steps", 1))))
-                        if isinstance(node.get("inputs", {}).get("steps"), int) else 1.0
-                        for nid, node in self.graph.items()}
+        self.weights = node_weights(self.graph)
 
     def _ours(self, data: dict[str, Any]) -> bool:
         pid = data.get("prompt_id")
@@ -50,38 +83,26 @@ class PromptTracker:
         return self.started and not self.finished
 
     def on_message(self, kind: str, data: dict[str, Any]) -> None:
-        if kind == "status" or not isinstance(data, dict):
-            return
-        if not self._ours(data):
+        if kind == "status" or not isinstance(data, dict) or not self._ours(data) or self.finished:
             return
         if kind == "execution_start":
             self.started = True
             self.queue_position = None
         elif kind == "execution_cached":
             self.started = True
-            for nid in data.get("nodes", []):
-                self.node_fraction[str(nid)] = 1.0
+            nodes = {str(nid) for nid in data.get("nodes", [])}
+            self.cached = bool(nodes) and nodes >= self.graph.keys()
+            for nid in nodes:
+                self.node_fraction[nid] = 1.0
         elif kind == "executing":
-            node = data.get("node")
-            if self.current is not None:
-                self.node_fraction[self.current] = 1.0
-            self.step = None
-            if node is None:
-                if self.started:
-                    self.finished = True
-                    if self.outcome.error is None and not self.outcome.interrupted:
-                        self.outcome.success = True
-            else:
-                self.started = True
-                self.current = str(node)
-                self.node_fraction.setdefault(self.current, 0.0)
+            self._on_executing(data.get("node"))
         elif kind == "progress":
             node = str(data.get("node") or self.current or "")
-            maximum = max(1, int(data.get("max", 1)))
-            value = min(maximum, int(data.get("value", 0)))
+            total = max(1, int(data.get("max", 1)))
+            value = min(total, int(data.get("value", 0)))
             if node:
-                self.node_fraction[node] = max(self.node_fraction.get(node, 0.0), value / maximum)
-            self.step = (value, maximum)
+                self.node_fraction[node] = max(self.node_fraction.get(node, 0.0), value / total)
+            self.step = (value, total)
         elif kind == "progress_state":
             for nid, state in (data.get("nodes") or {}).items():
                 maximum = float(state.get("max") or 1.0)
@@ -103,16 +124,30 @@ class PromptTracker:
             self.outcome.interrupted = True
             self.finished = True
 
+    def _on_executing(self, node: Any) -> None:
+        if self.current is not None:
+            self.node_fraction[self.current] = 1.0
+        self.step = None
+        if node is None:  # the end of the prompt; newer servers sent execution_success just before
+            if self.started:
+                self.outcome.success = True
+                self.finished = True
+            return
+        self.started = True
+        self.queue_position = None
+        self.current = str(node)
+        self.node_fraction.setdefault(self.current, 0.0)
+
     def on_binary(self, frame: BinaryFrame) -> tuple[bytes, str] | None:
         """A preview to show as a partial image, or None. Images sent by a SaveImageWebsocket output node
         are results, not previews: they are kept in `ws_images`."""
         if frame.image is None or frame.image_format is None:
             return None
         if frame.metadata is not None:
-            if frame.metadata.get("prompt_id") != self.prompt_id:
+            if frame.metadata.get("prompt_id") != self.prompt_id or self.finished:
                 return None
             node = str(frame.metadata.get("node_id") or frame.metadata.get("display_node_id") or "")
-        else:
+        else:  # only the running prompt's client gets these
             if not self.started or self.finished:
                 return None
             node = self.current or ""
@@ -134,14 +169,14 @@ class PromptTracker:
             return "queued at ComfyUI"
         if self.finished:
             return "fetching images"
-        node = self.graph.get(self.current or "", {})
-        class_type = str(node.get("class_type", ""))
-        if self.step is not None and isinstance(node.get("inputs", {}).get("steps"), int):
+        if self.current is None:
+            return "reusing ComfyUI's cached results" if self.cached else "starting"
+        class_type = str(self.graph.get(self.current, {}).get("class_type", ""))
+        if self.step is not None and _is_sampler(class_type):
             return f"sampling step {self.step[0]}/{self.step[1]}"
-        if any(h in class_type for h in DECODER_HINTS):
-            return "decoding"
-        if any(class_type.startswith(h) for h in SAVER_HINTS):
-            return "saving"
-        if any(h in class_type for h in LOADER_HINTS):
-            return "loading"
-        return f"running {class_type}" if class_type else "starting"
+        stage = next((text for hint, text in STAGES if hint in class_type), None)
+        if stage is not None:
+            return stage
+        if self.step is not None:
+            return f"running {class_type} {self.step[0]}/{self.step[1]}"
+        return f"running {class_type}" if class_type else "running"

@@ -118,6 +118,9 @@ class Provider(ABC):
 
     type: ClassVar[str]
     Options: ClassVar[type[ProviderOptions]] = ProviderOptions
+    # one call runs a whole workflow that may take hours: unless the config sets a `timeout` for it, only the
+    # model's timeout bounds it (not the provider's default per-call timeout)
+    long_running: ClassVar[bool] = False
 
     def __init__(self, name: str, config: ProviderConfig, http: aiohttp.ClientSession) -> None:
         self.name = name

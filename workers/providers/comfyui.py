@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import random
 import time
 import uuid
@@ -24,9 +25,10 @@ import aiohttp
 from pydantic import Field
 
 from service.errors import UpstreamError, UpstreamRejected
+from service.schemas import ImageSpec
 from service.settings import ProviderConfig
 from workers.comfyui import frames
-from workers.comfyui.farm import Farm, Instance
+from workers.comfyui.farm import Farm
 from workers.comfyui.template import InputBindings, WorkflowTemplate
 from workers.comfyui.tracker import PromptTracker
 from workers.providers.base import (
@@ -48,15 +50,21 @@ FEATURE_FLAGS = {"type": "feature_flags", "data": {"supports_preview_metadata": 
 
 class ComfyUIOptions(ProviderOptions):
     # provider level: the farm
-    instances: list[str] = Field(default_factory=list, description="base URLs; default: the provider's base_url")
+    instances: list[str] = Field(default_factory=list, description="base URLs; default: the provider's URL")
     instance_concurrency: int = Field(1, ge=1, description="prompts one instance runs at once")
-    retry_down_after: float = Field(30.0, gt=0, description="seconds before an unreachable instance is tried again")
-    reconnect_window: float = Field(60.0, gt=0, description="how long a dropped WebSocket is retried before failing")
-    silence_check: float = Field(15.0, gt=0, description="seconds without a message before /history is consulted")
+    retry_down_after: float = Field(30.0, gt=0, description="seconds before a down instance is tried again")
+    reconnect_window: float = Field(60.0, gt=0, description="how long a dropped WebSocket is retried")
+    silence_check: float = Field(15.0, gt=0, description="seconds without a message before /history is asked")
+    request_timeout: float = Field(60.0, gt=0, description="seconds one HTTP request to an instance may take")
     # deployment level: the workflow
     workflow: Path | None = None
     inputs: InputBindings | None = None
     outputs: list[str] | None = None
+    quality_steps: dict[str, int] = Field(
+        default_factory=lambda: {"low": 12, "medium": 20, "standard": 20, "high": 30, "hd": 30},
+        description="sampler steps for each request `quality`, when the workflow binds `steps`")
+    preview_interval: float = Field(0.5, ge=0, description="seconds between two previews sent to progress "
+                                    "subscribers when the request asks for no number of partial images")
 
 
 class InstanceLost(Exception):
@@ -66,6 +74,7 @@ class InstanceLost(Exception):
 class ComfyUIProvider(Provider):
     type = "comfyui"
     Options = ComfyUIOptions
+    long_running = True
 
     def __init__(self, name: str, config: ProviderConfig, http: aiohttp.ClientSession) -> None:
         super().__init__(name, config, http)
@@ -81,6 +90,9 @@ class ComfyUIProvider(Provider):
         assert isinstance(options, ComfyUIOptions)
         if options.workflow is None or options.inputs is None:
             raise ValueError("a comfyui deployment needs options `workflow` and `inputs`")
+        for name in ("instances", "instance_concurrency", "retry_down_after"):
+            if name in deployment.options and deployment.options[name] != self.config.options.get(name):
+                raise ValueError(f"option `{name}` describes the farm: set it on provider '{self.name}'")
         self.templates[deployment.name] = WorkflowTemplate(options.workflow, options.inputs, options.outputs)
 
     async def generate(self, request: ImageRequest, deployment: Deployment, progress: ProgressReporter
@@ -88,65 +100,94 @@ class ComfyUIProvider(Provider):
         options = self.options(deployment)
         assert isinstance(options, ComfyUIOptions)
         template = self.templates[deployment.name]
-        if request.images and not template.takes("image"):
-            raise UpstreamRejected(f"Model '{request.spec.model}' cannot edit images: its workflow has no image "
-                                   "input.", param="model", code="unsupported_operation")
-        async with self.farm.lease() as instance:
+        self._check_request(request, template)
+
+        async def waiting() -> None:
+            await progress.update(0.0, "waiting for a free ComfyUI instance")
+
+        async with self.farm.lease(waiting) as instance:
             try:
-                return await Run(self, instance, template, options, request, progress).execute()
+                return await Run(self.http, instance.url, template, options, request, progress).execute()
             except InstanceLost as exc:
                 self.farm.mark_down(instance)
                 raise UpstreamError(f"ComfyUI at {instance.url} was lost mid-job: {exc}",
                                     code="upstream_unavailable") from None
 
+    @staticmethod
+    def _check_request(request: ImageRequest, template: WorkflowTemplate) -> None:
+        """Refuse what the workflow cannot honour instead of silently ignoring part of the request."""
+        spec = request.spec
+        name = template.path.name
+        if request.images and not template.takes("image"):
+            raise UpstreamRejected(f"Model '{spec.model}' cannot edit images: its workflow {name} has no "
+                                   "image input.", param="model", code="unsupported_operation")
+        if len(request.images) > 1:
+            raise UpstreamRejected(f"Model '{spec.model}' takes one input image, not {len(request.images)}.",
+                                   param="image")
+        if request.mask is not None and not template.takes("mask"):
+            raise UpstreamRejected(f"Model '{spec.model}' cannot use a mask: its workflow {name} has no mask "
+                                   "input.", param="mask")
+        if spec.n > 1 and not template.takes("n"):
+            raise UpstreamRejected(f"Model '{spec.model}' makes one image per request: its workflow {name} "
+                                   "binds no batch size.", param="n")
+
 
 class Run:
     """One prompt on one instance: upload, submit, follow, collect; interrupt it if the job is cancelled."""
 
-    def __init__(self, provider: ComfyUIProvider, instance: Instance, template: WorkflowTemplate,
+    def __init__(self, http: aiohttp.ClientSession, base: str, template: WorkflowTemplate,
                  options: ComfyUIOptions, request: ImageRequest, progress: ProgressReporter) -> None:
-        self.http = provider.http
-        self.base = instance.url
+        self.http = http
+        self.base = base
         self.template = template
         self.options = options
         self.request = request
         self.progress = progress
         self.client_id = uuid.uuid4().hex
+        self.timeout = aiohttp.ClientTimeout(total=options.request_timeout)
+        self.ws: aiohttp.ClientWebSocketResponse | None = None
         self.tracker: PromptTracker | None = None
+        self.previews = Previews(request.spec, options.preview_interval)
 
     async def execute(self) -> ProviderResult:
-        ws = await self._connect()
         try:
+            self.ws = await self._connect()
             graph = self.template.render(await self._values())
-            prompt_id = await self._submit(graph)
-            self.tracker = PromptTracker(prompt_id, graph, self.template.outputs)
-            await self._queue_position()
-            await self.progress.update(0.0, self.tracker.stage)
+            self.tracker = PromptTracker(await self._submit(graph), graph, self.template.outputs)
             try:
-                await self._follow(ws)
+                await self._queue_position()
+                await self.progress.update(0.0, self.tracker.stage)
+                await self._follow()
                 return await self._collect()
             except asyncio.CancelledError:
                 await asyncio.shield(self._stop())
                 raise
         finally:
-            if not ws.closed:
-                await ws.close()
+            if self.ws is not None:
+                await self.ws.close()
 
     # connection
     async def _connect(self) -> aiohttp.ClientWebSocketResponse:
         try:
-            ws = await self.http.ws_connect(f"{self.base}/ws", params={"clientId": self.client_id}, heartbeat=20)
+            # a close handshake unanswered within a second is a dead instance: do not wait longer for it
+            ws = await self.http.ws_connect(f"{self.base}/ws", params={"clientId": self.client_id},
+                                            heartbeat=20, timeout=aiohttp.ClientWSTimeout(ws_close=1.0))
         except (aiohttp.ClientError, OSError) as exc:
             raise InstanceLost(f"cannot open its WebSocket ({exc})") from None
+        # before the prompt exists, so previews come with metadata naming their prompt
         await ws.send_str(json.dumps(FEATURE_FLAGS))
         return ws
 
-    async def _reconnect(self) -> aiohttp.ClientWebSocketResponse:
+    async def _reconnect(self) -> None:
+        """Open the socket again under the same client id: the instance routes our prompt's messages to it."""
+        assert self.ws is not None
+        await self.ws.close()
         deadline = time.monotonic() + self.options.reconnect_window
-        delay = 0.2
+        delay = 0.1
         while True:
             try:
-                return await self._connect()
+                self.ws = await self._connect()
+                return
             except InstanceLost:
                 if time.monotonic() + delay > deadline:
                     raise
@@ -155,11 +196,11 @@ class Run:
 
     async def _json(self, method: str, path: str, **kwargs: Any) -> tuple[int, Any]:
         try:
-            async with self.http.request(method, self.base + path, **kwargs) as resp:
+            async with self.http.request(method, self.base + path, timeout=self.timeout, **kwargs) as resp:
                 body = await resp.read()
                 return resp.status, json.loads(body) if body else None
-        except (aiohttp.ClientError, OSError) as exc:
-            raise InstanceLost(f"{method} {path} failed ({exc})") from None
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            raise InstanceLost(f"{method} {path} failed ({exc or type(exc).__name__})") from None
         except ValueError:
             raise UpstreamError(f"ComfyUI answered {method} {path} with invalid JSON") from None
 
@@ -187,10 +228,14 @@ class Run:
             "n": spec.n,
             # no seed given: a fresh one, so a repeated prompt draws new images instead of ComfyUI's cache
             "seed": spec.seed if spec.seed is not None else random.randrange(2**48),
+            "steps": self.options.quality_steps.get(spec.quality or ""),
         }
         if self.request.images:
             name = await self._upload(self.request.images[0], "/upload/image", {"type": "input"})
             values["image"] = name
+            # ComfyUI's mask upload stores the image with the mask as its alpha channel; without a mask the
+            # image's own transparency marks what to repaint, as in OpenAI's edits
+            values["mask"] = name
             if self.request.mask is not None:
                 values["mask"] = await self._upload(
                     self.request.mask, "/upload/mask",
@@ -198,7 +243,8 @@ class Run:
         return values
 
     async def _submit(self, graph: dict[str, Any]) -> str:
-        status, body = await self._json("POST", "/prompt", json={"prompt": graph, "client_id": self.client_id})
+        payload = {"prompt": graph, "client_id": self.client_id}
+        status, body = await self._json("POST", "/prompt", json=payload)
         if status == 200 and isinstance(body, dict) and "prompt_id" in body:
             return str(body["prompt_id"])
         if status == 400 and isinstance(body, dict):
@@ -210,29 +256,35 @@ class Run:
         error = body.get("error") or {}
         parts = []
         for nid, node_error in (body.get("node_errors") or {}).items():
-            reasons = "; ".join(f"{e.get('message')}: {e.get('details')}" for e in node_error.get("errors", []))
+            reasons = "; ".join(f"{e.get('message')}: {e.get('details')}"
+                                for e in node_error.get("errors", []))
             parts.append(f"node {nid} ({node_error.get('class_type')}): {reasons}")
         detail = ", ".join(parts) or f"{error.get('message')} {error.get('details', '')}".strip()
         return f"ComfyUI rejected the workflow {self.template.path.name}: {detail}"
 
-    async def _queue_position(self) -> None:
-        assert self.tracker is not None
+    async def _queue(self) -> tuple[list[str], list[str]]:
+        """Prompt ids running and pending at the instance, the pending ones in the order they will run."""
         status, queue = await self._json("GET", "/queue")
         if status != 200 or not isinstance(queue, dict):
-            return
-        running = [item[1] for item in queue.get("queue_running", [])]
-        pending = sorted(queue.get("queue_pending", []), key=lambda item: item[0])
-        ids = running + [item[1] for item in pending]
-        if self.tracker.prompt_id in ids and not self.tracker.started:
-            self.tracker.queue_position = ids.index(self.tracker.prompt_id) + 1
+            raise UpstreamError(f"ComfyUI answered GET /queue with HTTP {status}")
+        running = [str(item[1]) for item in queue.get("queue_running", [])]
+        pending = [str(item[1]) for item in sorted(queue.get("queue_pending", []), key=lambda item: item[0])]
+        return running, pending
 
-    # during the run
-    async def _follow(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+    async def _queue_position(self) -> None:
         tracker = self.tracker
         assert tracker is not None
+        running, pending = await self._queue()
+        if tracker.prompt_id in pending and not tracker.started:
+            tracker.queue_position = len(running) + pending.index(tracker.prompt_id) + 1
+
+    # during the run
+    async def _follow(self) -> None:
+        tracker = self.tracker
+        assert tracker is not None and self.ws is not None
         while not tracker.finished:
             try:
-                msg = await ws.receive(timeout=self.options.silence_check)
+                msg = await self.ws.receive(timeout=self.options.silence_check)
             except TimeoutError:
                 await self._reconcile()  # quiet for long: ask the instance whether our prompt ended
                 continue
@@ -241,14 +293,13 @@ class Run:
             elif msg.type == aiohttp.WSMsgType.BINARY:
                 frame = frames.decode(msg.data)
                 preview = tracker.on_binary(frame) if frame is not None else None
-                if preview is not None:
+                if preview is not None and self.previews.wanted(tracker.fraction):
                     await self.progress.partial_image(*preview)
             elif msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.CLOSING,
                               aiohttp.WSMsgType.ERROR):
                 log.warning("ComfyUI WebSocket at %s dropped; reconnecting", self.base)
-                ws = await self._reconnect()
+                await self._reconnect()
                 await self._reconcile()
-        await ws.close()
 
     async def _on_text(self, raw: str) -> None:
         tracker = self.tracker
@@ -257,10 +308,12 @@ class Run:
             message = json.loads(raw)
         except ValueError:
             return
+        if not isinstance(message, dict):
+            return
         kind, data = message.get("type"), message.get("data") or {}
         if kind == "status" and not tracker.started:
             await self._queue_position()
-        tracker.on_message(kind, data)
+        tracker.on_message(str(kind), data)
         await self.progress.update(tracker.fraction, tracker.stage)
 
     async def _reconcile(self) -> None:
@@ -268,37 +321,39 @@ class Run:
         neither run nor queued was lost (the instance restarted)."""
         tracker = self.tracker
         assert tracker is not None
-        status, history = await self._json("GET", f"/history/{tracker.prompt_id}")
+        _, history = await self._json("GET", f"/history/{tracker.prompt_id}")
         entry = history.get(tracker.prompt_id) if isinstance(history, dict) else None
-        if entry is not None and entry.get("status", {}).get("completed") is not None:
-            state = entry["status"]
+        if isinstance(entry, dict):  # ComfyUI writes the history entry once the prompt has ended
             for node, output in (entry.get("outputs") or {}).items():
                 if node in tracker.outputs and output.get("images"):
                     tracker.output_images[node] = output["images"]
-            if state.get("status_str") == "success":
-                tracker.outcome.success, tracker.finished = True, True
+            state = entry.get("status") or {}
+            messages = state.get("messages") or []
+            if state.get("status_str", "success") == "success":
+                tracker.outcome.success = True
             else:
-                error = next((m[1] for m in state.get("messages", []) if m[0] == "execution_error"), None)
-                interrupted = any(m[0] == "execution_interrupted" for m in state.get("messages", []))
-                tracker.outcome.error = error if error else (None if interrupted else {"exception_message": "failed"})
-                tracker.outcome.interrupted = interrupted
-                tracker.finished = True
+                tracker.outcome.interrupted = any(m[0] == "execution_interrupted" for m in messages)
+                error = next((m[1] for m in messages if m[0] == "execution_error"), None)
+                if error is not None or not tracker.outcome.interrupted:
+                    tracker.outcome.error = error or {"exception_message": "the prompt failed"}
+            tracker.finished = True
             return
-        status, queue = await self._json("GET", "/queue")
-        queued = [item[1] for key in ("queue_running", "queue_pending") for item in (queue or {}).get(key, [])]
-        if tracker.prompt_id not in queued:
+        running, pending = await self._queue()
+        if tracker.prompt_id not in running + pending:
             raise InstanceLost("the instance no longer knows the prompt (it restarted?)")
 
     async def _stop(self) -> None:
-        """Cancelled: interrupt our prompt if it runs, take it out of the queue if it waits."""
+        """Cancelled: take our prompt out of the queue if it waits, interrupt it if it runs. `/interrupt`
+        names the prompt, but older servers ignore that and stop whatever runs: call it only for ours."""
         tracker = self.tracker
         if tracker is None or tracker.finished:
             return
         try:
-            if tracker.started:
-                await self._json("POST", "/interrupt", json={"prompt_id": tracker.prompt_id})
-            else:
+            if not tracker.started:
                 await self._json("POST", "/queue", json={"delete": [tracker.prompt_id]})
+            running, _ = await self._queue()
+            if tracker.prompt_id in running:
+                await self._json("POST", "/interrupt", json={"prompt_id": tracker.prompt_id})
         except (InstanceLost, UpstreamError) as exc:
             log.warning("could not stop ComfyUI prompt %s: %s", tracker.prompt_id, exc)
 
@@ -313,11 +368,12 @@ class Run:
                 f"ComfyUI failed in node {node} ({outcome.error.get('node_type')}): "
                 f"{str(outcome.error.get('exception_message', '')).strip()[:500]}", code="workflow_failed")
         if outcome.interrupted:
-            raise UpstreamError("The ComfyUI prompt was interrupted on the instance.", code="workflow_interrupted")
+            raise UpstreamError("The ComfyUI prompt was interrupted on the instance.",
+                                code="workflow_interrupted")
         await self.progress.update(0.97, "fetching images")
         images = [GeneratedImage(data=data, format=fmt) for data, fmt in tracker.ws_images]
-        if not tracker.output_images:
-            await self._reconcile()
+        if not tracker.output_images and not tracker.ws_images:
+            await self._reconcile()  # the socket may have missed the output nodes' `executed`
         for node in sorted(tracker.output_images):
             for ref in tracker.output_images[node]:
                 images.append(await self._view(ref))
@@ -329,11 +385,34 @@ class Run:
         params = {"filename": ref.get("filename", ""), "subfolder": ref.get("subfolder", ""),
                   "type": ref.get("type", "output")}
         try:
-            async with self.http.get(self.base + "/view", params=params) as resp:
+            async with self.http.get(self.base + "/view", params=params, timeout=self.timeout) as resp:
                 if resp.status != 200:
                     raise UpstreamError(f"ComfyUI could not serve {params['filename']} (HTTP {resp.status})")
                 data = await resp.read()
-        except (aiohttp.ClientError, OSError) as exc:
-            raise InstanceLost(f"GET /view failed ({exc})") from None
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            raise InstanceLost(f"GET /view failed ({exc or type(exc).__name__})") from None
         return GeneratedImage(data=data, format=sniff_format(data))
 
+
+
+class Previews:
+    """Which previews become partial images. A request that names a number of partial images gets that many,
+    spread over the run; otherwise progress subscribers get live previews, at most one per `interval`."""
+
+    def __init__(self, spec: ImageSpec, interval: float) -> None:
+        self.count = spec.partial_images
+        self.counted = spec.partial_images > 0 or spec.stream
+        self.interval = interval
+        self.sent = 0
+        self.last = -math.inf
+
+    def wanted(self, fraction: float) -> bool:
+        if self.counted:
+            # partial k is the first preview past (k + 1) / (count + 1) of the work
+            due = self.sent < self.count and fraction >= (self.sent + 1) / (self.count + 1)
+        else:
+            due = time.monotonic() - self.last >= self.interval
+        if due:
+            self.sent += 1
+            self.last = time.monotonic()
+        return due
