@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import json
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import openai
 import pytest
 
-from tests.conftest import Gateway, GatewayFactory, local_config
+from tests.conftest import Gateway, GatewayFactory, Processes, local_config
 from tests.pictures import decode, encode, mask_png, photo
+from tests.test_redis_mode import start_cluster
 
 
 async def read_events(resp: aiohttp.ClientResponse) -> list[tuple[str, dict[str, Any]]]:
@@ -118,3 +120,15 @@ async def test_families_without_streaming_refuse_it(gateway: Gateway, http: aioh
         assert resp.status == 400
         error = (await resp.json())["error"]
     assert error["param"] == "stream" and error["code"] == "unsupported_parameter"
+
+
+async def test_redis_mode_streams_an_edit_run_by_a_worker_process(processes: Processes, tmp_path: Path,
+                                                                   redis_url: str) -> None:
+    """Inputs stored by the front end, read by a separate worker; its partial images relayed through Redis."""
+    url = await start_cluster(processes, tmp_path, redis_url, workers=1)
+    client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="sk-alice", max_retries=0)
+    stream = await client.images.edit(image=("p.png", encode(photo((48, 48))), "image/png"), prompt="rain",
+                                      stream=True, partial_images=2)
+    events = [event async for event in stream]
+    assert [e.type for e in events] == ["image_edit.partial_image"] * 2 + ["image_edit.completed"]
+    assert decode(events[-1].b64_json).size == (48, 48)
