@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -18,7 +19,6 @@ from bench.report import Target, table, write_results
 from bench.scenarios import QUEUE, Bench, Sizes
 from bench.servers import Stack
 from service.settings import Settings
-from workers.providers import PROVIDER_TYPES
 
 GROUPS = ("embedded", "latency", "queue", "rate", "throughput", "large", "slow", "progress")
 RESULTS = Path(__file__).resolve().parent / "results.json"
@@ -78,13 +78,9 @@ async def run(bench: Bench, groups: set[str]) -> None:
         await scenarios.progress(bench, front, plain)
 
 
-async def main(quick: bool, groups: set[str], output: Path, provider: str) -> int:
-    if provider not in PROVIDER_TYPES:
-        print(f"provider type {provider!r} is not registered (known: {', '.join(sorted(PROVIDER_TYPES))})",
-              file=sys.stderr)
-        return 2
+async def main(quick: bool, groups: set[str], output: Path) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="imagegw-bench-"))
-    stack = Stack(workdir, provider)
+    stack = Stack(workdir)
     started = time.monotonic()
     mode = "quick" if quick else "full"
     try:
@@ -110,12 +106,12 @@ def cli() -> int:
     parser.add_argument("--quick", action="store_true", help="fewer samples per scenario (under five minutes)")
     parser.add_argument("--only", help=f"comma-separated groups: {', '.join(GROUPS)}")
     parser.add_argument("--output", type=Path, default=RESULTS, help=f"default {RESULTS}")
-    parser.add_argument("--provider", default="openai", help="provider type serving the bench models")
     args = parser.parse_args()
     groups = set(args.only.split(",")) if args.only else set(GROUPS)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop like Ctrl-C: the processes get stopped
     if unknown := groups - set(GROUPS):
         parser.error(f"unknown groups: {', '.join(sorted(unknown))}")
-    return asyncio.run(main(args.quick, groups, args.output, args.provider))
+    return asyncio.run(main(args.quick, groups, args.output))
 
 
 if __name__ == "__main__":

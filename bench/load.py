@@ -22,6 +22,9 @@ from urllib.parse import urlsplit
 from bench.subscribers import SubscriberPool
 
 
+REQUEST_TIMEOUT = 120.0  # a request taking longer is an error, not a hang
+
+
 @dataclass(frozen=True)
 class Target:
     """One request, encoded once, and what a correct answer looks like."""
@@ -65,6 +68,14 @@ class Connection:
                                                                  limit=1 << 20)
 
     async def request(self) -> tuple[int, bytes]:
+        try:
+            async with asyncio.timeout(REQUEST_TIMEOUT):
+                return await self._request()
+        except TimeoutError:
+            self.close()
+            raise
+
+    async def _request(self) -> tuple[int, bytes]:
         if self.writer is None or self.writer.is_closing():
             await self.open()
         assert self.reader is not None and self.writer is not None
@@ -140,7 +151,7 @@ async def closed_loop(target: Target, concurrency: int, count: int, keep: bool =
                 started = time.perf_counter()
                 try:
                     status, body = await conn.request()
-                except (OSError, asyncio.IncompleteReadError) as exc:
+                except (OSError, asyncio.IncompleteReadError, TimeoutError) as exc:
                     conn.close()
                     outcome.errors.append(repr(exc))
                     continue
@@ -171,7 +182,7 @@ async def open_loop(target: Target, rate: float, duration: float, connections: i
         conn = idle.pop() if idle else Connection(target)
         try:
             status, body = await conn.request()
-        except (OSError, asyncio.IncompleteReadError) as exc:
+        except (OSError, asyncio.IncompleteReadError, TimeoutError) as exc:
             conn.close()
             outcome.errors.append(repr(exc))
             return

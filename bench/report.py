@@ -64,9 +64,8 @@ class Row:
 
 
 def row(scenario: str, metric: str, unit: str, value: float, baseline: float, target: Target | None) -> Row:
-    ratio = value / baseline if baseline else None
-    return Row(scenario, metric, unit, round(value, 4), round(baseline, 4),
-               round(ratio, 3) if ratio is not None else None,
+    value, baseline = round(value, 4), round(baseline, 4)
+    return Row(scenario, metric, unit, value, baseline, round(value / baseline, 3) if baseline else None,
                target.text if target else None, target.check(value, baseline) if target else None)
 
 

@@ -4,9 +4,11 @@ WebSocket server, gateways in embedded and Redis mode, workers. All of it is sto
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import json
 import os
 import shutil
+import signal
 import socket
 import sys
 import time
@@ -32,6 +34,12 @@ MODELS = {
 }
 
 
+def _die_with_parent() -> None:
+    """In the child, before exec: get SIGTERM when the bench process dies, however it dies (Linux)."""
+    if sys.platform == "linux":
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -39,9 +47,9 @@ def free_port() -> int:
         return port
 
 
-def gateway_config(upstream_url: str, provider_type: str) -> dict[str, object]:
+def gateway_config(upstream_url: str) -> dict[str, object]:
     mounts = sorted({mount for _, mount in MODELS.values()})
-    providers = {f"upstream{mount.replace('/', '-')}": {"type": provider_type, "base_url": upstream_url + mount,
+    providers = {f"upstream{mount.replace('/', '-')}": {"type": "openai", "base_url": upstream_url + mount,
                                                         "api_key_env": UPSTREAM_KEY_ENV} for mount in mounts}
     models = {name: {"family": "generic", "dispatch": dispatch,
                      "deployments": [{"provider": f"upstream{mount.replace('/', '-')}", "model": "gpt-image-1"}]}
@@ -63,9 +71,8 @@ class Service:
 class Stack:
     """The processes of one run, started on demand and all stopped by `close`."""
 
-    def __init__(self, workdir: Path, provider_type: str) -> None:
+    def __init__(self, workdir: Path) -> None:
         self.workdir = workdir
-        self.provider_type = provider_type
         self.services: list[Service] = []
         self.redis_url = ""
         self.upstream_url = ""
@@ -76,7 +83,8 @@ class Stack:
         log = open(self.workdir / f"{name}.log", "ab")  # noqa: SIM115 - the child holds it until it ends
         process = await asyncio.create_subprocess_exec(
             *args, cwd=ROOT, env=env or self._env(), stdout=asyncio.subprocess.PIPE, stderr=log,
-            stdin=asyncio.subprocess.PIPE if stdin else asyncio.subprocess.DEVNULL, limit=1 << 28)
+            stdin=asyncio.subprocess.PIPE if stdin else asyncio.subprocess.DEVNULL, limit=1 << 28,
+            preexec_fn=_die_with_parent)
         log.close()
         service = Service(name, process)
         self.services.append(service)
@@ -118,7 +126,7 @@ class Stack:
         service = await self._spawn("upstream", sys.executable, "-m", "bench.upstream", str(port))
         await self._ready_line(service)
         self.upstream_url = service.url = f"http://127.0.0.1:{port}"
-        self.config_path.write_text(yaml.safe_dump(gateway_config(self.upstream_url, self.provider_type)))
+        self.config_path.write_text(yaml.safe_dump(gateway_config(self.upstream_url)))
         return self.upstream_url
 
     async def start_load(self) -> LoadProcess:
