@@ -12,6 +12,7 @@ import asyncio
 import base64
 import io
 import json
+import logging
 import time
 from typing import Any
 
@@ -28,6 +29,8 @@ from service.storage import Storage
 
 EVENT_STREAM = Media(("text/event-stream",), {"type": "string", "description": "server-sent events"})
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+log = logging.getLogger(__name__)
+
 RECHECK_INTERVAL = 5.0  # seconds without events before the record is re-read (and a keep-alive sent)
 ZERO_USAGE = {"input_tokens": 0, "input_tokens_details": {"image_tokens": 0, "text_tokens": 0},
               "output_tokens": 0, "total_tokens": 0}
@@ -77,8 +80,11 @@ def partial_event(record: JobRecord, data: dict[str, Any]) -> dict[str, Any]:
 
 def _size_of(b64: str) -> str:
     """A partial image's size when the request said `auto`: read from the image header."""
-    with Image.open(io.BytesIO(base64.b64decode(b64))) as image:
-        return f"{image.width}x{image.height}"
+    try:
+        with Image.open(io.BytesIO(base64.b64decode(b64))) as image:
+            return f"{image.width}x{image.height}"
+    except (OSError, ValueError):  # a preview Pillow cannot read still goes out, sized as asked
+        return "auto"
 
 
 async def completed_events(record: JobRecord, storage: Storage) -> list[dict[str, Any]]:
@@ -109,23 +115,29 @@ async def stream_job(request: web.Request, record: JobRecord, events: asyncio.Qu
     """Relay the job's events until it ends or `max_wait` seconds pass; `events` was registered before the job
     was enqueued, so nothing it published is missed."""
     stream = await EventStream.open(request, {"x-imagegw-job-id": record.id})
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + max_wait
+    deadline = asyncio.get_running_loop().time() + max_wait
     try:
-        final = await _relay(stream, record, events, store, deadline)
-        if final is None:
-            await stream.send("error", error_event(GatewayError(
+        error: GatewayError
+        try:
+            final = await _relay(stream, record, events, store, deadline)
+            if final is not None and final.status == "succeeded":
+                for event in await completed_events(final, storage):
+                    await stream.send(event["type"], event)
+                return stream.response
+            error = job_error(final) if final is not None else GatewayError(
                 f"The job {record.id} is still running; poll GET /v1/images/jobs/{record.id} for its result.",
-                code="job_still_running")))
-        elif final.status == "succeeded":
-            for event in await completed_events(final, storage):
-                await stream.send(event["type"], event)
-        else:
-            await stream.send("error", error_event(job_error(final)))
+                code="job_still_running")
+        except GatewayError as exc:
+            error = exc
+        except ConnectionResetError:
+            raise
+        except Exception:  # the headers are out, so the error middleware cannot answer: an error event must
+            log.exception("the event stream of job %s failed", record.id)
+            error = InternalError(f"The event stream failed; the job can still be read at "
+                                  f"/v1/images/jobs/{record.id}.")
+        await stream.send("error", error_event(error))
     except ConnectionResetError:
         pass  # the client went away; the job runs on and stays readable through the job API
-    except GatewayError as exc:
-        await stream.send("error", error_event(exc))
     return stream.response
 
 
