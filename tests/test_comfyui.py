@@ -154,7 +154,8 @@ async def test_progress_previews_and_result_over_socketio(watch: Any, fake: Fake
     flags = {"type": "feature_flags", "data": {"supports_preview_metadata": True}}
     assert fake.ws_received[0] == (client_id, flags)
     body = prompt_call.json
-    assert body["client_id"] == client_id and set(body) == {"prompt", "client_id"}
+    assert body["client_id"] == client_id and set(body) == {"prompt", "client_id", "prompt_id"}
+    assert fake.executed_prompt_ids == [body["prompt_id"]]  # the gateway's own id, as ComfyUI honours it
     graph = body["prompt"]
     template = json.loads(TXT2IMG.read_text())
     assert graph["6"]["inputs"]["text"] == "a lighthouse" and graph["7"]["inputs"]["text"] == "fog"
@@ -188,16 +189,41 @@ async def test_stream_gets_the_requested_number_of_partial_images(gateway_factor
     assert decode(events[-1].b64_json).size == (64, 64)
 
 
-async def test_queued_at_comfyui_then_cancelled_leaves_its_queue(watch: Any, fake: FakeComfyUI,
-                                                                 http: aiohttp.ClientSession) -> None:
-    # someone else's prompt holds the instance (it hangs until interrupted)
+async def occupy(fake: FakeComfyUI, http: aiohttp.ClientSession) -> str:
+    """Another client's prompt that holds the instance until interrupted; its prompt id."""
     fake.hang = True
     blocker = json.loads(TXT2IMG.read_text())
     async with http.post(fake.url + "/prompt", json={"prompt": blocker, "client_id": "someone-else"}) as resp:
-        blocker_id = (await resp.json())["prompt_id"]
+        prompt_id: str = (await resp.json())["prompt_id"]
     await until(lambda: fake.running is not None, "the blocker to run")
+    return prompt_id
 
-    gw, sub = await watch(comfy_config(fake.url))
+
+async def release(fake: FakeComfyUI, http: aiohttp.ClientSession) -> None:
+    fake.hang = False
+    async with http.post(fake.url + "/interrupt", json={}):
+        pass
+
+
+async def test_a_busy_instance_is_waited_for_in_the_gateway(watch: Any, fake: FakeComfyUI,
+                                                             http: aiohttp.ClientSession) -> None:
+    await occupy(fake, http)
+    gw, sub = await watch(comfy_config(fake.url))  # one slot, taken by someone else's prompt
+    job_id = await submit(gw, sub)
+    await until_stage(sub, job_id, "waiting for a free ComfyUI instance")
+    await asyncio.sleep(0.3)
+    assert len(submitted(fake)) == 1 and not fake.pending  # only the blocker: ours waits in the gateway
+    await release(fake, http)
+    assert_monotonic_then_completed(await sub.wait(job_id))
+    assert len(submitted(fake)) == 2
+
+
+async def test_queued_at_comfyui_then_cancelled_leaves_its_queue(watch: Any, fake: FakeComfyUI,
+                                                                 http: aiohttp.ClientSession) -> None:
+    blocker_id = await occupy(fake, http)
+
+    # two slots: one prompt may wait at ComfyUI, ready to start the moment the running one ends
+    gw, sub = await watch(comfy_config(fake.url, instance_concurrency=2))
     job_id = await submit(gw, sub)
     await until_stage(sub, job_id, "queued at ComfyUI (position 2)")
     (ours,) = [item.prompt_id for item in fake.pending]
@@ -209,9 +235,7 @@ async def test_queued_at_comfyui_then_cancelled_leaves_its_queue(watch: Any, fak
     assert fake.running is not None and fake.running.prompt_id == blocker_id
     events = await sub.wait(job_id)
     assert events[-1][0] == "failed" and events[-1][1]["status"] == "cancelled"
-    fake.hang = False
-    async with http.post(fake.url + "/interrupt", json={}):
-        pass
+    await release(fake, http)
     await until(lambda: fake.running is None, "the blocker to stop")
     assert ours not in fake.executed_prompt_ids
 
@@ -255,9 +279,9 @@ async def test_dropped_websocket_reconnects_and_completes(watch: Any, fake: Fake
     assert len(submitted(fake)) == 1  # the prompt was followed, not submitted again
 
 
-async def test_two_instances_share_four_jobs_one_at_a_time(gateway_factory: GatewayFactory, fake: FakeComfyUI,
+async def test_two_instances_share_four_jobs_one_at_a_time(watch: Any, fake: FakeComfyUI,
                                                            fake2: FakeComfyUI) -> None:
-    gw = await gateway_factory(config=comfy_config(fake.url, fake2.url))
+    gw, sub = await watch(comfy_config(fake.url, fake2.url))
     held: list[int] = []  # the most prompts any one instance held (running or queued), sampled all along
 
     async def sample_queues() -> None:
@@ -267,11 +291,15 @@ async def test_two_instances_share_four_jobs_one_at_a_time(gateway_factory: Gate
 
     sampler = asyncio.create_task(sample_queues())
     try:
-        results = await asyncio.gather(*(gw.client().images.generate(prompt=f"p{i}", model="sd", size="64x64")
-                                         for i in range(4)))
+        jobs = await asyncio.gather(*(submit(gw, sub, prompt=f"p{i}") for i in range(4)))
+        runs = [await sub.wait(job_id) for job_id in jobs]
     finally:
         sampler.cancel()
-    assert all(r.data and len(r.data) == 1 for r in results)
+    for events in runs:
+        assert_monotonic_then_completed(events)
+        assert decode(events[-1][1]["result"]["data"][0]["b64_json"]).size == (96, 64)
+    # two jobs found both instances busy and said so while they waited
+    assert sum("waiting for a free ComfyUI instance" in stages(events) for events in runs) >= 2
     counts = [len(submitted(f)) for f in (fake, fake2)]
     assert sum(counts) == 4 and min(counts) >= 1  # both instances served
     assert fake.max_concurrent == 1 and fake2.max_concurrent == 1
@@ -280,6 +308,26 @@ async def test_two_instances_share_four_jobs_one_at_a_time(gateway_factory: Gate
         # each prompt was collected (/view) before the next was submitted to the same instance
         sequence = [c.path for c in f.calls if (c.method, c.path) in (("POST", "/prompt"), ("GET", "/view"))]
         assert sequence == ["/prompt", "/view"] * len(submitted(f))
+
+
+async def test_save_image_websocket_outputs_are_the_result(gateway_factory: GatewayFactory,
+                                                           fake: FakeComfyUI, tmp_path: Path) -> None:
+    # images streamed over the socket by a SaveImageWebsocket node, never written to disk (as ws_batch.json)
+    workflow = tmp_path / "ws.json"
+    workflow.write_text(json.dumps({
+        "1": {"class_type": "EmptyImage",
+              "inputs": {"width": 512, "height": 512, "batch_size": 1, "color": 0}},
+        "2": {"class_type": "ImageInvert", "inputs": {"image": ["1", 0]}},
+        "3": {"class_type": "SaveImageWebsocket", "inputs": {"images": ["2", 0]}},
+    }))
+    inputs = {"prompt": "1.color", "width": "1.width", "height": "1.height", "n": "1.batch_size"}
+    gw = await gateway_factory(config=comfy_config(fake.url, workflow=workflow, inputs=inputs))
+    with pytest.raises(openai.BadRequestError):  # the prompt lands in an INT input: ComfyUI says so
+        await gw.client().images.generate(prompt="not a number", model="sd", size="64x32")
+    result = await gw.client().images.generate(prompt="7", model="sd", size="64x32", n=3)
+    assert result.data and len(result.data) == 3
+    assert {decode(item.b64_json).size for item in result.data} == {(64, 32)}
+    assert not calls(fake, "GET", "/view") and not any(key[0] == "output" for key in fake.files)
 
 
 async def test_validation_error_is_a_400_naming_the_node(gateway_factory: GatewayFactory) -> None:
@@ -396,11 +444,13 @@ async def test_edit_uploads_image_and_mask_then_binds_them(gateway_factory: Gate
     masked = Image.open(io.BytesIO(fake.files[("input", "", mask_file.filename)]))
     assert masked.getchannel("A").getpixel((10, 10)) == 0 and masked.getchannel("A").getpixel((40, 40)) == 255
 
-    # without a mask the photo's own transparency is the mask, as in OpenAI's edits
+    # without a mask the photo's own transparency is the mask, as in OpenAI's edits; the same photo keeps
+    # its name (ComfyUI cannot delete inputs: no pile of copies)
     await gw.client().images.edit(image=("photo.png", picture, "image/png"), prompt="fog", model="sd")
     graph = submitted(fake)[1]["prompt"]
-    assert graph["11"]["inputs"]["image"] == graph["10"]["inputs"]["image"] != uploaded.filename
-    assert len(calls(fake, "POST", "/upload/mask")) == 1
+    assert graph["11"]["inputs"]["image"] == graph["10"]["inputs"]["image"] == uploaded.filename
+    assert len(calls(fake, "POST", "/upload/mask")) == 1 and len(calls(fake, "POST", "/upload/image")) == 2
+    assert len([key for key in fake.files if key[0] == "input"]) == 2
 
 
 async def test_requests_a_workflow_cannot_honour_are_refused(gateway_factory: GatewayFactory,
@@ -440,7 +490,7 @@ async def test_comfyui_dying_mid_run_fails_the_job_clearly(watch: Any, http: aio
     async with http.get(f"{gw.url}/v1/images/jobs/{job_id}") as resp:
         job = await resp.json()
     assert job["status"] == "failed" and job["error"]["code"] == "upstream_unavailable"
-    assert f"ComfyUI at {fake.url} was lost mid-job" in job["error"]["message"]
+    assert f"ComfyUI at {fake.url} was lost" in job["error"]["message"]
 
 
 async def test_comfyui_dying_mid_run_is_retried_on_another_instance(watch: Any, fake2: FakeComfyUI) -> None:
@@ -503,7 +553,7 @@ def write_config(tmp_path: Path, workflow: dict[str, Any], inputs: dict[str, str
 
 
 def check_config(path: Path) -> subprocess.CompletedProcess[str]:
-    env = {"IMAGEGW_CONFIG": str(path), "PATH": "/usr/bin:/bin"}
+    env = {"IMAGEGW_CONFIG": str(path), "PATH": "/usr/bin:/bin", "GATEWAY_API_KEY": "sk-example"}
     return subprocess.run([sys.executable, "-m", "service.cli", "check-config"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=60)
 
@@ -544,14 +594,18 @@ async def test_bad_templates_are_rejected_at_start_up(gateway_factory: GatewayFa
         await gateway_factory(config=config)
     assert "models.sd.deployments.0" in str(caught.value) and str(workflow) in str(caught.value)
     assert expected in str(caught.value)
-    if change in ("missing file", "unknown input"):  # the CLI reads the same file through a relative path
+    if change == "unknown input":  # the CLI reads the same file through a relative path
         checked = await asyncio.to_thread(check_config, path)
         assert checked.returncode != 0
         output = checked.stdout + checked.stderr
         assert str(workflow) in output and expected in output
 
 
-async def test_check_config_accepts_the_example_workflow_by_relative_path(tmp_path: Path) -> None:
-    path = write_config(tmp_path, json.loads(TXT2IMG.read_text()), TXT2IMG_INPUTS)
-    checked = await asyncio.to_thread(check_config, path)
+async def test_the_compose_example_config_passes_check_config(tmp_path: Path) -> None:
+    # deploy/ is mounted at /etc/imagegw in the containers; here its workflow path is made relative to the
+    # config file, which is how check-config and start-up resolve it
+    text = (ROOT / "deploy" / "gateway.comfyui.yaml").read_text().replace("/etc/imagegw/", "")
+    (tmp_path / "gateway.yaml").write_text(text)
+    (tmp_path / "workflows").symlink_to(WORKFLOWS)
+    checked = await asyncio.to_thread(check_config, tmp_path / "gateway.yaml")
     assert checked.returncode == 0, checked.stdout + checked.stderr

@@ -25,8 +25,9 @@ class Instance:
 
 
 class Farm:
-    """Hands out instances. Load is this process's running jobs plus what the instance's own `/queue`
-    reports, so workers in other processes sharing the farm are taken into account too."""
+    """Hands out instances. An instance's load is the larger of this process's jobs on it (some not yet
+    submitted) and the prompts its own `/queue` holds (ours once submitted, other workers' and other
+    clients'), so `concurrency` holds across the worker processes sharing a farm, races aside."""
 
     def __init__(self, urls: list[str], concurrency: int, retry_after: float,
                  http: aiohttp.ClientSession) -> None:
@@ -72,9 +73,9 @@ class Farm:
                 candidates = [min(self.instances, key=lambda i: i.down_until)]
                 candidates[0].down_until = 0.0
             loads = await asyncio.gather(*(self._remote_load(i) for i in candidates))
-            ranked = sorted((i.active + load, n, i)
+            ranked = sorted((max(i.active, load), n, i)
                             for n, (i, load) in enumerate(zip(candidates, loads, strict=True))
-                            if load is not None and i.active < self.concurrency)
+                            if load is not None and max(i.active, load) < self.concurrency)
             if ranked:
                 instance = ranked[0][2]
                 instance.active += 1

@@ -12,6 +12,7 @@ cancel. Older servers omit `prompt_id` from some messages; other prompts' messag
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import math
@@ -51,7 +52,8 @@ FEATURE_FLAGS = {"type": "feature_flags", "data": {"supports_preview_metadata": 
 class ComfyUIOptions(ProviderOptions):
     # provider level: the farm
     instances: list[str] = Field(default_factory=list, description="base URLs; default: the provider's URL")
-    instance_concurrency: int = Field(1, ge=1, description="prompts one instance runs at once")
+    instance_concurrency: int = Field(1, ge=1, description="prompts one instance holds at once (running or "
+                                      "queued, other clients' included); above 1, the next waits there")
     retry_down_after: float = Field(30.0, gt=0, description="seconds before a down instance is tried again")
     reconnect_window: float = Field(60.0, gt=0, description="how long a dropped WebSocket is retried")
     silence_check: float = Field(15.0, gt=0, description="seconds without a message before /history is asked")
@@ -110,7 +112,7 @@ class ComfyUIProvider(Provider):
                 return await Run(self.http, instance.url, template, options, request, progress).execute()
             except InstanceLost as exc:
                 self.farm.mark_down(instance)
-                raise UpstreamError(f"ComfyUI at {instance.url} was lost mid-job: {exc}",
+                raise UpstreamError(f"ComfyUI at {instance.url} was lost: {exc}",
                                     code="upstream_unavailable") from None
 
     @staticmethod
@@ -153,8 +155,11 @@ class Run:
         try:
             self.ws = await self._connect()
             graph = self.template.render(await self._values())
-            self.tracker = PromptTracker(await self._submit(graph), graph, self.template.outputs)
+            # our own prompt id, so that a cancel during the submission can still reach the prompt (servers
+            # older than the prompt_id field answer with an id of their own, which replaces it)
+            self.tracker = PromptTracker(str(uuid.uuid4()), graph, self.template.outputs)
             try:
+                self.tracker.prompt_id = await self._submit(graph, self.tracker.prompt_id)
                 await self._queue_position()
                 await self.progress.update(0.0, self.tracker.stage)
                 await self._follow()
@@ -174,8 +179,12 @@ class Run:
                                             heartbeat=20, timeout=aiohttp.ClientWSTimeout(ws_close=1.0))
         except (aiohttp.ClientError, OSError) as exc:
             raise InstanceLost(f"cannot open its WebSocket ({exc})") from None
-        # before the prompt exists, so previews come with metadata naming their prompt
-        await ws.send_str(json.dumps(FEATURE_FLAGS))
+        try:
+            # the first frame, before the prompt exists: previews then come with metadata naming their prompt
+            await ws.send_str(json.dumps(FEATURE_FLAGS))
+        except (aiohttp.ClientError, OSError) as exc:
+            await ws.close()
+            raise InstanceLost(f"its WebSocket closed at once ({exc})") from None
         return ws
 
     async def _reconnect(self) -> None:
@@ -205,10 +214,9 @@ class Run:
             raise UpstreamError(f"ComfyUI answered {method} {path} with invalid JSON") from None
 
     # before the run
-    async def _upload(self, image: InputImage, endpoint: str, extra: dict[str, str]) -> str:
+    async def _upload(self, image: InputImage, filename: str, endpoint: str, extra: dict[str, str]) -> str:
         form = aiohttp.FormData()
-        form.add_field("image", image.data, filename=f"imagegw-{uuid.uuid4().hex}.{image.format}",
-                       content_type=image.content_type)
+        form.add_field("image", image.data, filename=filename, content_type=image.content_type)
         form.add_field("overwrite", "true")
         for key, value in extra.items():
             form.add_field(key, value)
@@ -231,19 +239,23 @@ class Run:
             "steps": self.options.quality_steps.get(spec.quality or ""),
         }
         if self.request.images:
-            name = await self._upload(self.request.images[0], "/upload/image", {"type": "input"})
-            values["image"] = name
-            # ComfyUI's mask upload stores the image with the mask as its alpha channel; without a mask the
-            # image's own transparency marks what to repaint, as in OpenAI's edits
-            values["mask"] = name
+            # named by content: ComfyUI cannot delete inputs, so the same picture again reuses its file
+            image = self.request.images[0]
+            name = await self._upload(image, f"imagegw-{_digest(image.data)}.{image.format}", "/upload/image",
+                                      {"type": "input"})
+            # without a mask the image's own transparency marks what to repaint, as in OpenAI's edits
+            values["image"] = values["mask"] = name
             if self.request.mask is not None:
+                # ComfyUI stores the image with the mask as its alpha channel, as a file named like the upload
+                # (a PNG, so the alpha survives)
+                ref = json.dumps({"filename": name, "type": "input"})
                 values["mask"] = await self._upload(
-                    self.request.mask, "/upload/mask",
-                    {"type": "input", "original_ref": json.dumps({"filename": name, "type": "input"})})
+                    self.request.mask, f"imagegw-{_digest(image.data + self.request.mask.data)}.png",
+                    "/upload/mask", {"type": "input", "original_ref": ref})
         return values
 
-    async def _submit(self, graph: dict[str, Any]) -> str:
-        payload = {"prompt": graph, "client_id": self.client_id}
+    async def _submit(self, graph: dict[str, Any], prompt_id: str) -> str:
+        payload = {"prompt": graph, "client_id": self.client_id, "prompt_id": prompt_id}
         status, body = await self._json("POST", "/prompt", json=payload)
         if status == 200 and isinstance(body, dict) and "prompt_id" in body:
             return str(body["prompt_id"])
@@ -393,6 +405,10 @@ class Run:
             raise InstanceLost(f"GET /view failed ({exc or type(exc).__name__})") from None
         return GeneratedImage(data=data, format=sniff_format(data))
 
+
+
+def _digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:32]
 
 
 class Previews:
