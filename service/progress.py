@@ -206,14 +206,15 @@ class ProgressHub:
         elif event == EVENT_PROGRESS:
             await self._progress(job_id, data)
         else:
-            for sid in list(self.subscribers.get(job_id, {})):
-                await self._send(event, data, sid)
+            await self._send(event, data, list(self.subscribers.get(job_id, {})))
 
     async def _progress(self, job_id: str, data: dict[str, Any], only: str | None = None) -> None:
-        for sid, sub in list(self.subscribers.get(job_id, {}).items()):
+        targets = []
+        for sid, sub in self.subscribers.get(job_id, {}).items():
             if (only is None or sid == only) and data["progress"] >= sub.last_progress:
                 sub.last_progress = data["progress"]
-                await self._send(EVENT_PROGRESS, data, sid)
+                targets.append(sid)
+        await self._send(EVENT_PROGRESS, data, targets)
 
     async def _terminal(self, job_id: str, record: JobRecord | None, only: str | None = None) -> None:
         targets = [sid for sid in self.subscribers.get(job_id, {}) if only is None or sid == only]
@@ -227,8 +228,7 @@ class ProgressHub:
         if record is None:
             return
         event, payload = await self.terminal_payload(record)
-        for sid in targets:
-            await self._send(event, payload, sid)
+        await self._send(event, payload, targets)
 
     async def terminal_payload(self, record: JobRecord) -> tuple[str, dict[str, Any]]:
         if record.status == "succeeded":
@@ -239,9 +239,10 @@ class ProgressHub:
         return EVENT_FAILED, {"job_id": record.id, "status": record.status, "progress": record.progress,
                               "error": error}
 
-    async def _send(self, event: str, data: dict[str, Any], sid: str) -> None:
-        if self.sio is not None:
-            await self.sio.emit(event, data, to=sid, namespace=PROGRESS_NAMESPACE, ignore_queue=True)
+    async def _send(self, event: str, data: dict[str, Any], sids: list[str]) -> None:
+        """One emit for all of `sids` (each sid is its own room): the packet is encoded once, not per subscriber."""
+        if self.sio is not None and sids:
+            await self.sio.emit(event, data, to=sids, namespace=PROGRESS_NAMESPACE, ignore_queue=True)
 
 
 Authenticator = Callable[[str | None], Awaitable[str | None]]
