@@ -5,6 +5,7 @@ WAKE_CHANNEL = "imagegw:wake"
 SOCKETIO_CHANNEL = "imagegw:socketio"
 SIGNING_SECRET_KEY = "imagegw:signing-secret"
 WORKER_HEARTBEAT_KEY = "imagegw:worker:{}"
+STORAGE_SWEEP_KEY = "imagegw:storage-sweep"  # held by the one process deleting expired objects this interval
 
 # API keys: the record under the SHA-256 of its secret, the index of ids, and the flag set with the first key
 # created and never cleared (dev mode is over for good, even when every key is revoked again)
@@ -16,6 +17,7 @@ LIMIT_REQUESTS = "imagegw:limit:{}:requests"
 LIMIT_IMAGES = "imagegw:limit:{}:images"
 LIMIT_JOBS = "imagegw:limit:{}:jobs"
 LIMIT_QUEUED = "imagegw:limit:{}:queued"
+QUEUE_LEASES = "imagegw:limit:queue"  # every key's waiting jobs: what the queue cap counts
 BUDGET_USED = "imagegw:budget:{}"
 IDEMPOTENCY_KEY = "imagegw:idempotency:{}:{}"
 SETTLED_KEY = "imagegw:settled:{}"  # set once when a job's end has been accounted for
@@ -25,7 +27,6 @@ USAGE_KEYS = "imagegw:usage-keys"
 METRICS_JOBS = "imagegw:metrics:jobs"
 METRICS_JOB_SECONDS = "imagegw:metrics:job-seconds"
 METRICS_UPSTREAM_ERRORS = "imagegw:metrics:upstream-errors"
-STORAGE_SWEEP_KEY = "imagegw:storage-sweep"  # held by the one process deleting expired objects this interval
 
 JOB_FUNCTION = "run_image_job"
 WEBHOOK_FUNCTION = "deliver_webhook"

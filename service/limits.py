@@ -6,6 +6,10 @@ means at most 5 in any 60 s, never 10 across a window boundary. Concurrent and q
 id scored by the time its slot lapses on its own, so a front end or worker that dies without releasing
 cannot hold the slot forever. A worker shortens the lease when it starts the job; the job's settlement
 (service/settlement.py) releases both slots and refunds the budget of the images not made.
+
+The queue cap counts the same way, over every key: image jobs admitted to the queue and not started yet.
+That is what makes it exact (the arq queue itself only grows after admission, so checking its length would
+let concurrent requests through together); the arq queue's length is what /metrics shows as queue depth.
 """
 
 from __future__ import annotations
@@ -15,7 +19,14 @@ import math
 from arq.connections import ArqRedis
 
 from service.auth import Principal
-from service.constants import BUDGET_USED, LIMIT_IMAGES, LIMIT_JOBS, LIMIT_QUEUED, LIMIT_REQUESTS
+from service.constants import (
+    BUDGET_USED,
+    LIMIT_IMAGES,
+    LIMIT_JOBS,
+    LIMIT_QUEUED,
+    LIMIT_REQUESTS,
+    QUEUE_LEASES,
+)
 from service.errors import InvalidRequest, RateLimited, ServiceUnavailable
 from service.settings import Settings
 
@@ -36,8 +47,9 @@ redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - window)
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - window)
 redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
 redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now)
+redis.call('ZREMRANGEBYSCORE', KEYS[6], '-inf', now)
 if enqueue and cap >= 0 then
-  local depth = redis.call('ZCOUNT', KEYS[6], '-inf', now)
+  local depth = redis.call('ZCARD', KEYS[6])
   if depth >= cap then return {'queue_full', 0, cap, depth} end
 end
 if rpm >= 0 then
@@ -84,6 +96,7 @@ redis.call('PEXPIRE', KEYS[3], lease)
 if enqueue then
   redis.call('ZADD', KEYS[4], now + lease, job)
   redis.call('PEXPIRE', KEYS[4], lease)
+  redis.call('ZADD', KEYS[6], now + lease, job)
 end
 redis.call('INCRBY', KEYS[5], n)
 return {'ok', 0, 0, 0}
@@ -94,6 +107,7 @@ _STARTED = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('ZREM', KEYS[3], ARGV[1])
 redis.call('ZADD', KEYS[1], 'XX', now + tonumber(ARGV[2]), ARGV[1])
 return 1
 """
@@ -129,7 +143,7 @@ class Limiter:
             raise InvalidRequest(f"Invalid 'n': this API key may request at most {limits.images_per_minute} "
                                  "images per minute.", param="n", code="integer_above_max_value")
         reply = await self._admit(
-            keys=[*limit_keys(principal.owner), self.settings.queue_name],
+            keys=[*limit_keys(principal.owner), QUEUE_LEASES],
             args=[job_id, images, _limit(limits.requests_per_minute), _limit(limits.images_per_minute),
                   _limit(limits.concurrent_jobs), _limit(limits.queued_jobs), _limit(principal.image_budget),
                   _limit(self.settings.max_queue_depth), self.settings.job_ttl * 1000, WINDOW_MS,
@@ -158,5 +172,5 @@ class Limiter:
     async def started(self, owner: str, job_id: str, run_for: float) -> None:
         """The job left the queue; its slot now lapses `run_for` seconds (its model's timeout) from now."""
         lease_ms = int((run_for + START_LEASE_MARGIN) * 1000)
-        await self._started(keys=[LIMIT_JOBS.format(owner), LIMIT_QUEUED.format(owner)],
+        await self._started(keys=[LIMIT_JOBS.format(owner), LIMIT_QUEUED.format(owner), QUEUE_LEASES],
                             args=[job_id, lease_ms])

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import bisect
+import logging
 import time
 from collections.abc import Iterator
 
@@ -18,8 +19,12 @@ from arq.connections import ArqRedis
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
+from redis.exceptions import RedisError
 
 from service.constants import METRICS_JOB_SECONDS, METRICS_JOBS, METRICS_UPSTREAM_ERRORS
+from service.errors import GatewayError
+
+log = logging.getLogger(__name__)
 
 JOB_SECONDS_BUCKETS = (0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 HTTP_SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
@@ -40,8 +45,19 @@ def job_fields(model: str, provider: str, status: str, seconds: float | None) ->
     return [count, SEP.join((series, "le", bound)), SEP.join((series, "sum"))]
 
 
-async def count_upstream_error(redis: ArqRedis, provider: str, kind: str) -> None:
-    await redis.hincrby(METRICS_UPSTREAM_ERRORS, SEP.join((provider, kind)), 1)  # type: ignore[misc]
+class UpstreamErrorCounter:
+    """The router's failure listener in a worker: one count per failed upstream call, by provider account and
+    error code. Best effort: losing a count to a Redis outage must not fail the job."""
+
+    def __init__(self, redis: ArqRedis) -> None:
+        self.redis = redis
+
+    async def __call__(self, provider: str, error: GatewayError) -> None:
+        try:
+            await self.redis.hincrby(METRICS_UPSTREAM_ERRORS,  # type: ignore[misc]
+                                     SEP.join((provider, error.code or type(error).__name__)), 1)
+        except RedisError as exc:
+            log.warning("upstream error not counted: %s", exc)
 
 
 class ClusterSnapshot:

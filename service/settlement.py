@@ -16,6 +16,7 @@ from arq.jobs import serialize_job
 from service.constants import (
     METRICS_JOB_SECONDS,
     METRICS_JOBS,
+    QUEUE_LEASES,
     SETTLED_KEY,
     USAGE_KEYS,
     USAGE_LOG,
@@ -30,13 +31,14 @@ from service.settings import GatewayConfig, Settings
 from service.usage import usage_record
 
 # KEYS: marker, job leases, queue leases, budget, usage log, usage key index, job counts, job durations,
-#       webhook arq job, arq queue
+#       webhook arq job, arq queue, every key's queue leases
 # ARGV: job id, marker ttl, refund, usage json, usage score, usage cutoff, key id, count field, bucket field,
 #       sum field, seconds, webhook payload, webhook arq job id, payload ttl ms, enqueue score, wake channel
 _SETTLE = """
 if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[2]) then return 0 end
 redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('ZREM', KEYS[3], ARGV[1])
+redis.call('ZREM', KEYS[11], ARGV[1])
 if tonumber(ARGV[3]) > 0 then redis.call('DECRBY', KEYS[4], ARGV[3]) end
 if ARGV[4] ~= '' then
   redis.call('ZADD', KEYS[5], ARGV[5], ARGV[4])
@@ -93,7 +95,8 @@ class Settlement:
         _, _, jobs, queued, budget = limit_keys(record.owner)
         done = await self._settle(
             keys=[SETTLED_KEY.format(record.id), jobs, queued, budget, USAGE_LOG.format(key), USAGE_KEYS,
-                  METRICS_JOBS, METRICS_JOB_SECONDS, job_key_prefix + delivery_id, settings.queue_name],
+                  METRICS_JOBS, METRICS_JOB_SECONDS, job_key_prefix + delivery_id, settings.queue_name,
+                  QUEUE_LEASES],
             args=[record.id, settings.job_ttl, refund, usage, score, score - settings.usage_retention, key,
                   count_field, bucket_field, sum_field, f"{seconds:.6f}", webhook, delivery_id,
                   settings.job_ttl * 1000, int(time.time() * 1000), WAKE_CHANNEL],

@@ -161,12 +161,23 @@ class Processes:
 
     env: dict[str, str]
     procs: list[subprocess.Popen[bytes]]
+    log_dir: Path
 
     def start(self, *args: str, extra_env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-        proc = subprocess.Popen([sys.executable, "-m", "service.cli", *args], env={**self.env, **(extra_env or {})},
-                                cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        # logs go to a file, not a pipe: a pipe nobody reads blocks a chatty process once it is full
+        with self.log_path(len(self.procs)).open("wb") as log:
+            proc = subprocess.Popen([sys.executable, "-m", "service.cli", *args],
+                                    env={**self.env, **(extra_env or {})}, cwd=ROOT, stdout=subprocess.DEVNULL,
+                                    stderr=log)
         self.procs.append(proc)
         return proc
+
+    def log_path(self, index: int) -> Path:
+        return self.log_dir / f"process-{index}.log"
+
+    def log(self, proc: subprocess.Popen[bytes]) -> str:
+        """What `proc` has written to stderr so far."""
+        return self.log_path(self.procs.index(proc)).read_text()
 
 
 @pytest.fixture
@@ -174,7 +185,7 @@ def processes(tmp_path: Path) -> Iterator[Processes]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("IMAGEGW_")}
     env.update({"IMAGEGW_DATA_DIR": str(tmp_path / "data"), "IMAGEGW_SIGNING_SECRET": "test-secret",
                 "IMAGEGW_PROGRESS_INTERVAL": "0", "PYTHONUNBUFFERED": "1"})
-    procs = Processes(env=env, procs=[])
+    procs = Processes(env=env, procs=[], log_dir=tmp_path)
     yield procs
     for proc in procs.procs:
         if proc.poll() is None:

@@ -13,6 +13,7 @@ from arq.connections import ArqRedis
 
 from service.jobs import JobStore
 from service.limits import Limiter
+from service.metrics import UpstreamErrorCounter
 from service.progress import ProgressPublisher
 from service.settings import GatewayConfig, Settings
 from service.settlement import Settlement
@@ -55,6 +56,7 @@ async def open_resources(
     connector = aiohttp.TCPConnector(limit=200, limit_per_host=50, ttl_dns_cache=300)
     async with aiohttp.ClientSession(connector=connector, trust_env=False) as http:
         router = Router(config, http)
+        router.failure_listener = UpstreamErrorCounter(redis)
         webhooks = WebhookSender(settings)  # its own session: receivers are checked like client-given URLs
         try:
             await webhooks.open()

@@ -8,11 +8,19 @@ import dataclasses
 import logging
 import math
 from collections import Counter, defaultdict
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import aiohttp
 
-from service.errors import InvalidRequest, NotFound, UpstreamError, UpstreamRejected, UpstreamTimeout
+from service.errors import (
+    GatewayError,
+    InvalidRequest,
+    NotFound,
+    UpstreamError,
+    UpstreamRejected,
+    UpstreamTimeout,
+)
 from service.models import PROVIDER_CAPABILITIES
 from service.schemas import ImageSpec
 from service.settings import GatewayConfig
@@ -23,6 +31,8 @@ from workers.retry import PERMANENT_CODES, Cooldowns, Failure, backoff_delay, ex
 log = logging.getLogger(__name__)
 
 OPERATION_CAPABILITY = {"generate": "generation", "edit": "edit", "variation": "variation"}
+
+FailureListener = Callable[[str, GatewayError], Awaitable[None]]  # (provider account, error)
 
 
 @dataclass
@@ -71,6 +81,7 @@ class Router:
         self.cooldowns = Cooldowns()
         self.slots = {d.name: asyncio.Semaphore(d.max_concurrency)
                       for ds in self.deployments.values() for d in ds if d.max_concurrency is not None}
+        self.failure_listener: FailureListener | None = None  # told of every failed upstream call (metrics)
 
     def candidates(self, spec: ImageSpec) -> list[Deployment]:
         deployments = self.deployments.get(spec.model)
@@ -126,9 +137,11 @@ class Router:
             except UpstreamRejected as exc:
                 log.info("%s: attempt %d/%d on %s rejected, not retried: %s", spec.model, attempt,
                          policy.attempts, deployment.name, exc.message)
+                await self._failed(deployment, exc)
                 raise
             except UpstreamError as exc:
                 failures.append(Failure(deployment, exc))
+                await self._failed(deployment, exc)
                 self.cooldowns.start(deployment.name, max(policy.cooldown, exc.retry_after or 0.0))
                 tries = sum(f.deployment.name == deployment.name for f in failures)
                 retry_at[deployment.name] = (math.inf if exc.code in PERMANENT_CODES
@@ -160,6 +173,10 @@ class Router:
                                   f"did not answer within {timeout:.3g} s.") from None
         finally:
             self.in_flight[deployment.name] -= 1
+
+    async def _failed(self, deployment: Deployment, error: GatewayError) -> None:
+        if self.failure_listener is not None:
+            await self.failure_listener(deployment.provider, error)
 
     async def close(self) -> None:
         for provider in self.providers.values():

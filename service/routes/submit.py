@@ -7,6 +7,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from service.errors import InvalidRequest, NotFound, UpstreamTimeout
+from service.idempotency import idempotency_claim
 from service.jobs import JobRecord, new_job_id
 from service.models import PROVIDER_CAPABILITIES, FamilyRules, family_rules
 from service.results import job_error, render_job, render_result
@@ -104,11 +105,16 @@ async def run_to_end(request: web.Request, spec: ImageSpec, inputs: EditInputs |
 
 async def _submit(request: web.Request, spec: ImageSpec, job_id: str, *, wait: bool
                   ) -> tuple[JobRecord, JobRecord | None]:
+    # a stream follows the events of the job it created, so it cannot answer an idempotent replay of another
+    claim = None if spec.stream else await idempotency_claim(request)
     try:
-        return await request.app[DISPATCHER].submit(spec, principal(request), base_url(request), wait=wait,
-                                                     job_id=job_id)
+        record, done = await request.app[DISPATCHER].submit(spec, principal(request), base_url(request),
+                                                            wait=wait, job_id=job_id, idempotency=claim)
     except Exception:
         if spec.input_images and await request.app[DISPATCHER].store.get(job_id) is None:
             await request.app[STORAGE].delete_job(job_id)  # no job will ever read these inputs
         raise
+    if record.id != job_id and spec.input_images:
+        await request.app[STORAGE].delete_job(job_id)  # a replay: the first try's job has its own inputs
+    return record, done
 
