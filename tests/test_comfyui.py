@@ -242,7 +242,7 @@ async def test_queued_at_comfyui_then_cancelled_leaves_its_queue(watch: Any, fak
 
 async def test_cancel_mid_run_interrupts_the_prompt(watch: Any, fake: FakeComfyUI,
                                                     http: aiohttp.ClientSession) -> None:
-    fake.step_delay = 0.05
+    fake.step_delay = 0.1
     gw, sub = await watch(comfy_config(fake.url))
     job_id = await submit(gw, sub)
     await until_stage(sub, job_id, "sampling step 2/")
@@ -264,7 +264,7 @@ async def test_cancel_mid_run_interrupts_the_prompt(watch: Any, fake: FakeComfyU
 @pytest.mark.parametrize("abrupt", [False, True], ids=["close", "reset"])
 async def test_dropped_websocket_reconnects_and_completes(watch: Any, fake: FakeComfyUI,
                                                           abrupt: bool) -> None:
-    fake.step_delay = 0.02
+    fake.step_delay = 0.05
     gw, sub = await watch(comfy_config(fake.url))
     job_id = await submit(gw, sub, n=2)
     await until_stage(sub, job_id, "sampling step 3/")
@@ -371,7 +371,7 @@ async def test_identical_resubmission_is_served_from_comfyui_cache(watch: Any, f
 
 
 async def test_other_prompts_messages_are_ignored(watch: Any, fake: FakeComfyUI) -> None:
-    fake.step_delay = 0.02
+    fake.step_delay = 0.05
     gw, sub = await watch(comfy_config(fake.url))
     job_id = await submit(gw, sub)
     await until_stage(sub, job_id, "sampling step 2/")
@@ -389,7 +389,6 @@ async def test_other_prompts_messages_are_ignored(watch: Any, fake: FakeComfyUI)
         {"type": "execution_success", "data": {"prompt_id": other}},
         {"type": "executing", "data": {"node": None, "prompt_id": other}},
     ]
-    before = max(d["progress"] for n, d in sub.events[job_id] if n == "progress")
     for message in foreign:
         await fake.inject(message, client_id)
     metadata = json.dumps({"node_id": "3", "prompt_id": other, "image_type": "image/png"}).encode()
@@ -397,9 +396,9 @@ async def test_other_prompts_messages_are_ignored(watch: Any, fake: FakeComfyUI)
     await fake.inject(b"\x00\x00\x00\x09unknown event type")
     events = await sub.wait(job_id)
     assert_monotonic_then_completed(events)
-    # progress kept climbing step by step instead of leaping to the foreign prompt's 100 %
-    after = [d["progress"] for n, d in events if n == "progress" and d["progress"] > before]
-    assert after[0] <= before + 10
+    # progress kept climbing step by step (a step is 4 %) instead of leaping with the foreign prompt's
+    values = [d["progress"] for n, d in events if n == "progress"]
+    assert max(b - a for a, b in zip(values, values[1:], strict=False)) <= 8
     assert len([1 for name, _ in events if name == "partial_image"]) == 20  # one per sampler step, ours only
     assert len(calls(fake, "GET", "/view")) == 1
     assert calls(fake, "GET", "/view")[0].query["filename"] != "not-ours.png"
@@ -477,7 +476,7 @@ async def test_an_instance_that_is_down_is_skipped(gateway_factory: GatewayFacto
 
 
 async def test_comfyui_dying_mid_run_fails_the_job_clearly(watch: Any, http: aiohttp.ClientSession) -> None:
-    fake = FakeComfyUI(step_delay=0.05)
+    fake = FakeComfyUI(step_delay=0.1)
     await fake.start()
     gw, sub = await watch(comfy_config(fake.url, reconnect_window=0.5))
     job_id = await submit(gw, sub)
@@ -485,7 +484,7 @@ async def test_comfyui_dying_mid_run_fails_the_job_clearly(watch: Any, http: aio
     stopped = time.monotonic()
     await fake.stop()
     events = await sub.wait(job_id)
-    assert time.monotonic() - stopped < 5
+    assert time.monotonic() - stopped < 8
     assert events[-1][0] == "failed"
     async with http.get(f"{gw.url}/v1/images/jobs/{job_id}") as resp:
         job = await resp.json()
@@ -494,7 +493,7 @@ async def test_comfyui_dying_mid_run_fails_the_job_clearly(watch: Any, http: aio
 
 
 async def test_comfyui_dying_mid_run_is_retried_on_another_instance(watch: Any, fake2: FakeComfyUI) -> None:
-    doomed = FakeComfyUI(step_delay=0.05)
+    doomed = FakeComfyUI(step_delay=0.1)
     await doomed.start()
     # the doomed instance comes first: with equal load it is chosen
     gw, sub = await watch(comfy_config(doomed.url, fake2.url, reconnect_window=0.3))
