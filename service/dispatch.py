@@ -104,7 +104,8 @@ class Dispatcher:
             self.inline_tasks[record.id] = task
             task.add_done_callback(lambda _: self.inline_tasks.pop(record.id, None))
 
-    async def _replay(self, job_id: str, principal: Principal, *, wait: bool) -> tuple[JobRecord, JobRecord | None]:
+    async def _replay(self, job_id: str, principal: Principal, *, wait: bool
+                      ) -> tuple[JobRecord, JobRecord | None]:
         """An idempotent retry: the first try's job, waited for like a new one."""
         future = self.hub.expect(job_id) if wait else None
         try:

@@ -13,7 +13,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from service.settings import GatewayConfig
-from tests.conftest import Gateway, GatewayFactory, Processes, free_port, local_config, wait_http
+from tests.conftest import GatewayFactory, Processes, free_port, local_config, wait_http
 from tests.fakes.openai import API_KEY, FakeOpenAI
 from tests.test_jobs import Subscriber
 
@@ -34,7 +34,8 @@ def value(samples: Samples, name: str, **labels: str) -> float:
 
 def keyed(config: GatewayConfig) -> GatewayConfig:
     return GatewayConfig.model_validate({**config.model_dump(), "keys": [
-        {"name": "alice", "key": "sk-alice"}, {"name": "once", "key": "sk-once", "limits": {"requests_per_minute": 1}}]})
+        {"name": "alice", "key": "sk-alice"},
+        {"name": "once", "key": "sk-once", "limits": {"requests_per_minute": 1}}]})
 
 
 async def post(http: aiohttp.ClientSession, url: str, key: str, **body: Any) -> int:
