@@ -17,7 +17,13 @@ from service.fetch import UrlFetcher
 from service.jobs import JobStore
 from service.keys import KeyStore
 from service.metrics import Metrics
-from service.middleware import add_request_id, auth_middleware, error_middleware, observe_middleware
+from service.middleware import (
+    add_request_id,
+    auth_middleware,
+    body_deadline_middleware,
+    error_middleware,
+    observe_middleware,
+)
 from service.progress import JobEventManager, ProgressHub, ProgressNamespace, ProgressPublisher
 from service.routes import admin, chat, docs, edits, files, health, images, jobs, models, playground, static
 from service.routes import metrics as metrics_route
@@ -119,8 +125,8 @@ async def in_process_worker_ctx(app: web.Application) -> AsyncIterator[None]:
 def create_app(settings: Settings, config: GatewayConfig | None = None) -> web.Application:
     config = config or load_config(settings.config)
     keys = KeyRing(config.keys, settings.admin_token, settings.webhook_secret)
-    app = web.Application(middlewares=[observe_middleware, error_middleware, auth_middleware],
-                          client_max_size=settings.max_body_bytes)
+    middlewares = [observe_middleware, error_middleware, body_deadline_middleware, auth_middleware]
+    app = web.Application(middlewares=middlewares, client_max_size=settings.max_body_bytes)
     app.on_response_prepare.append(add_request_id)
     app[METRICS] = Metrics()
     app[SETTINGS] = settings

@@ -57,6 +57,12 @@ class NotFound(GatewayError):
     default_code = "not_found"
 
 
+class RequestTimeout(GatewayError):
+    status = 408
+    type = "invalid_request_error"
+    default_code = "request_timeout"
+
+
 class Conflict(GatewayError):
     status = 409
     type = "invalid_request_error"
@@ -119,6 +125,7 @@ _BY_STATUS: dict[int, type[GatewayError]] = {
     401: AuthenticationFailed,
     403: PermissionDenied,
     404: NotFound,
+    408: RequestTimeout,
     409: Conflict,
     413: PayloadTooLarge,
     429: RateLimited,

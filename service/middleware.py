@@ -12,9 +12,9 @@ from aiohttp.typedefs import Handler
 
 from redis.exceptions import RedisError
 
-from service.errors import GatewayError, InternalError, ServiceUnavailable, error_for_status
+from service.errors import GatewayError, InternalError, RequestTimeout, ServiceUnavailable, error_for_status
 from service.logs import REQUEST_ID, REQUEST_ID_HEADER, request_id_from
-from service.state import KEYS, METRICS, PRINCIPAL, REQUEST_ID_KEY
+from service.state import KEYS, METRICS, PRINCIPAL, REQUEST_ID_KEY, SETTINGS
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +94,35 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except Exception:  # never a stack trace or an HTML page to the client; CancelledError passes through
         log.exception("unhandled error on %s %s", request.method, request.path)
         return error_response(InternalError("The server had an error while processing your request."))
+
+
+@web.middleware
+async def body_deadline_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """A client must finish sending its body within `body_read_timeout`. aiohttp has no such timeout, so one
+    that dribbles its body (slow loris) would hold a handler, and what it buffered, for as long as it likes.
+    The deadline is lifted when the last byte arrives: waiting for a job afterwards is not bounded here."""
+    if request.content.is_eof():  # no body, or all of it already received
+        return await handler(request)
+    deadline = asyncio.timeout(request.app[SETTINGS].body_read_timeout)
+    running = True
+
+    def body_received() -> None:
+        if running:
+            deadline.reschedule(None)
+
+    try:
+        async with deadline:
+            request.content.on_eof(body_received)
+            return await handler(request)
+    except TimeoutError:
+        if not deadline.expired():
+            raise
+        response = error_response(RequestTimeout(
+            f"The request body was not received within {request.app[SETTINGS].body_read_timeout:g} s."))
+        response.force_close()  # the rest of the body is not wanted
+        return response
+    finally:
+        running = False
 
 
 @web.middleware

@@ -26,6 +26,9 @@ class Settings(BaseSettings):
     signing_secret: SecretStr | None = None
     sync_timeout: float = Field(300.0, gt=0, description="how long a synchronous request waits before answering 202")
     max_body_bytes: int = 40 * 1024 * 1024
+    body_read_timeout: float = Field(
+        30.0, gt=0, description="seconds a client may take to send its request body; a slower one gets 408"
+    )
     job_ttl: int = Field(24 * 3600, ge=60, description="how long job records and their files are kept, seconds")
     queue_name: str = "imagegw:queue"
     worker_concurrency: int = Field(10, ge=1, description="jobs one worker process runs at once")

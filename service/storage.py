@@ -17,6 +17,8 @@ from urllib.parse import urlencode
 NAME_PATTERN = re.compile(r"^[0-9a-f]{32}/(?:[0-9]{1,3}|input-[0-9]{1,2}|mask)\.(png|jpeg|webp)$")
 RESULT_PATTERN = re.compile(r"^[0-9a-f]{32}/[0-9]{1,3}\.(png|jpeg|webp)$")
 CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+# a Unix time in ASCII digits: str.isdigit() also accepts "²" or a number too long for int()
+EXPIRES_PATTERN = re.compile(r"^[0-9]{1,12}$")
 
 
 def image_name(job_id: str, index: int, fmt: str) -> str:
@@ -64,9 +66,10 @@ class UrlSigner:
 
     def verify(self, name: str, expires: str, signature: str) -> bool:
         """True for an unexpired link whose signature matches; constant-time comparison."""
-        if not expires.isdigit() or int(expires) < time.time():
+        if not EXPIRES_PATTERN.match(expires) or int(expires) < time.time():
             return False
-        return hmac.compare_digest(self._signature(name, int(expires)), signature)
+        # as bytes: compare_digest refuses str with non-ASCII characters, and a forged link may carry any
+        return hmac.compare_digest(self._signature(name, int(expires)).encode(), signature.encode())
 
 
 class LocalStorage:

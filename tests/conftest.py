@@ -163,6 +163,14 @@ class Processes:
     procs: list[subprocess.Popen[bytes]]
     log_dir: Path
 
+    @classmethod
+    def in_dir(cls, path: Path) -> Processes:
+        """Processes whose data and logs go under `path`, with the test signing secret."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith("IMAGEGW_")}
+        env.update({"IMAGEGW_DATA_DIR": str(path / "data"), "IMAGEGW_SIGNING_SECRET": "test-secret",
+                    "IMAGEGW_PROGRESS_INTERVAL": "0", "PYTHONUNBUFFERED": "1"})
+        return cls(env=env, procs=[], log_dir=path)
+
     def start(self, *args: str, extra_env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         # logs go to a file, not a pipe: a pipe nobody reads blocks a chatty process once it is full
         with self.log_path(len(self.procs)).open("wb") as log:
@@ -179,25 +187,24 @@ class Processes:
         """What `proc` has written to stderr so far."""
         return self.log_path(self.procs.index(proc)).read_text()
 
+    def stop(self) -> None:
+        """SIGTERM to every process still running, SIGKILL to those still there 15 s later."""
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self.procs:
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
 
 @pytest.fixture
 def processes(tmp_path: Path) -> Iterator[Processes]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("IMAGEGW_")}
-    env.update({"IMAGEGW_DATA_DIR": str(tmp_path / "data"), "IMAGEGW_SIGNING_SECRET": "test-secret",
-                "IMAGEGW_PROGRESS_INTERVAL": "0", "PYTHONUNBUFFERED": "1"})
-    procs = Processes(env=env, procs=[], log_dir=tmp_path)
+    procs = Processes.in_dir(tmp_path)
     yield procs
-    for proc in procs.procs:
-        if proc.poll() is None:
-            proc.terminate()
-    for proc in procs.procs:
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        if proc.stderr is not None:
-            proc.stderr.close()
+    procs.stop()
 
 
 async def wait_http(url: str, timeout: float = 20.0) -> None:

@@ -33,6 +33,17 @@ def image_size(data: bytes) -> str | None:
         return None
 
 
+def decodes(data: bytes) -> bool:
+    """Whether every pixel decodes: a valid header (all `sniff_format` looks at) says nothing about a body
+    cut short or corrupted on its way from the upstream."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+    except Exception:  # noqa: BLE001 - a decoder fed untrusted bytes fails in many ways; all mean "broken"
+        return False
+    return True
+
+
 def convert(data: bytes, fmt: str, compression: int | None) -> bytes:
     """Re-encode an upstream image into the format the client asked for."""
     with Image.open(io.BytesIO(data)) as image:

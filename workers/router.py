@@ -24,6 +24,7 @@ from service.errors import (
 from service.models import PROVIDER_CAPABILITIES
 from service.schemas import ImageSpec
 from service.settings import GatewayConfig
+from workers.imaging import decodes
 from workers.providers import PROVIDER_TYPES
 from workers.providers.base import Deployment, ImageRequest, ProgressReporter, Provider, ProviderResult
 from workers.retry import PERMANENT_CODES, Cooldowns, Failure, backoff_delay, exhausted
@@ -167,7 +168,9 @@ class Router:
             async with slot:
                 timeout = min(timeout, deadline - loop.time())
                 async with asyncio.timeout(timeout):
-                    return await provider.generate(request, deployment, progress)
+                    result = await provider.generate(request, deployment, progress)
+                    await self._check_images(deployment, result)
+                    return result
         except TimeoutError:
             raise UpstreamTimeout(f"Upstream '{deployment.provider}' (model '{deployment.upstream_model}') "
                                   f"did not answer within {timeout:.3g} s.") from None
@@ -177,6 +180,15 @@ class Router:
     async def _failed(self, deployment: Deployment, error: GatewayError) -> None:
         if self.failure_listener is not None:
             await self.failure_listener(deployment.provider, error)
+
+    @staticmethod
+    async def _check_images(deployment: Deployment, result: ProviderResult) -> None:
+        """A truncated or corrupt image is the upstream's failure (worth another try), never a result."""
+        for index, image in enumerate(result.images):
+            if not await asyncio.to_thread(decodes, image.data):
+                raise UpstreamError(f"Upstream '{deployment.provider}' (model '{deployment.upstream_model}') "
+                                    f"returned a truncated or corrupt image (image {index}).",
+                                    code="bad_upstream_image")
 
     async def close(self) -> None:
         for provider in self.providers.values():
