@@ -20,8 +20,10 @@ import openai
 import pytest
 import redis as redis_sync
 from aiohttp import web
+from arq.constants import in_progress_key_prefix
 
 from service.app import create_app
+from service.state import REDIS
 from service.settings import LOCAL_MODELS, GatewayConfig, Settings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -106,6 +108,16 @@ class Gateway:
 
     def client(self, api_key: str = "sk-test", **kwargs: Any) -> openai.AsyncOpenAI:
         return openai.AsyncOpenAI(base_url=self.url + "/v1", api_key=api_key, max_retries=0, **kwargs)
+
+    async def idle(self, timeout: float = 20.0) -> None:
+        """Until nothing is queued or running (webhook deliveries included): a test that ends then does not cut
+        a job short, which the embedded worker's shutdown would report as an error."""
+        redis, deadline = self.app[REDIS], time.monotonic() + timeout
+        while await redis.zcard(self.settings.queue_name) or [k async for k in redis.scan_iter(
+                in_progress_key_prefix + "*")]:
+            if time.monotonic() > deadline:
+                raise TimeoutError("the gateway's jobs did not end")
+            await asyncio.sleep(0.02)
 
 
 GatewayFactory = Callable[..., Awaitable[Gateway]]

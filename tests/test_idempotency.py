@@ -54,6 +54,7 @@ async def test_concurrent_identical_requests_make_one_job(gateway_factory: Gatew
     status, job = await post(http, gw, body, idempotency="retry-2")
     assert status == 202 and job["status"] == "succeeded" and job["result"] == again
     assert await job_count(gw) == 2
+    await gw.idle()
 
 
 async def test_same_key_other_body_is_a_conflict_and_keys_are_per_caller(gateway_factory: GatewayFactory,
@@ -72,6 +73,7 @@ async def test_same_key_other_body_is_a_conflict_and_keys_are_per_caller(gateway
     assert len(ids) == 2 and await job_count(gw) == 4
     status, body = await post(http, gw, {"prompt": "one", "size": "64x64"}, idempotency="x" * 256)
     assert status == 400 and body["error"]["code"] == "invalid_idempotency_key"
+    await gw.idle()
 
 
 async def test_a_refused_first_try_leaves_the_key_free(gateway_factory: GatewayFactory,
@@ -90,3 +92,4 @@ async def test_a_refused_first_try_leaves_the_key_free(gateway_factory: GatewayF
     assert status == 202 and retried["id"] != busy["id"]
     status, replay = await post(http, gw, body, key="sk-tight", idempotency="after-429")
     assert status == 202 and replay["id"] == retried["id"]
+    await gw.idle()

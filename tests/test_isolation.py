@@ -95,6 +95,7 @@ async def test_a_key_cannot_reach_another_keys_jobs_files_events_or_usage(gatewa
     async with http.get(gw.url + "/v1/usage", params={"key": bob_id}, headers=ADMIN) as resp:
         totals = (await resp.json())["totals"]
         assert resp.status == 200 and (totals["jobs"], totals["images"]) == (2, 1)
+    await gw.idle()
 
 
 @pytest.mark.parametrize("credentials", [None, {"api_key": "igw-not-a-key"}, {"api_key": "revoked"}])

@@ -88,6 +88,7 @@ async def test_admin_api_creates_lists_changes_and_revokes_keys(gateway_factory:
     for method in ("GET", "DELETE"):
         async with http.request(method, gw.url + f"/admin/keys/{key_id}", headers=ADMIN_AUTH) as resp:
             assert resp.status == 404 and (await resp.json())["error"]["code"] == "key_not_found"
+    await gw.idle()
 
 
 async def test_admin_api_needs_the_admin_token_or_capability(gateway_factory: GatewayFactory,
@@ -134,6 +135,8 @@ async def test_dev_mode_ends_with_the_first_key_and_config_keys_keep_working(
     assert (await generate(http, gw.url, stored["key"]))[0] == 200
     async with http.get(gw.url + "/v1/models") as resp:
         assert resp.status == 401 and (await resp.json())["error"]["code"] == "missing_api_key"
+    await dev.idle()
+    await gw.idle()
 
 
 def imagegw(redis_url: str, *args: str) -> subprocess.CompletedProcess[str]:

@@ -86,6 +86,7 @@ async def test_metrics_parse_and_count_the_traffic(gateway_factory: GatewayFacto
     assert value(after, "imagegw_job_duration_seconds_bucket", **job, le="+Inf") == 5
     assert value(after, "imagegw_job_duration_seconds_sum", **job) >= 4 * 20 * 0.05  # four 1-second jobs at least
     assert value(after, "imagegw_socketio_subscribers") == 0
+    await gw.idle()
 
 
 async def test_queue_depth_shows_waiting_jobs(gateway_factory: GatewayFactory, redis_url: str,

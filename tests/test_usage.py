@@ -105,6 +105,7 @@ async def test_usage_report_per_key_and_for_admins(gateway_factory: GatewayFacto
     async with http.get(gw.url + "/v1/usage", params={"start": "yesterday"},
                         headers={"Authorization": "Bearer sk-bob"}) as resp:
         assert resp.status == 400 and (await resp.json())["error"]["param"] == "start"
+    await gw.idle()
 
 
 @pytest.fixture
@@ -133,6 +134,7 @@ async def test_token_usage_from_the_upstream_is_priced_per_token(gateway_factory
                                 "image_input_tokens": 0, "image_output_tokens": 544, "text_output_tokens": 0,
                                 "cost": pytest.approx((4 * 5 + 544 * 40) / 1e6)}
     assert len(fake.image_calls) == 1
+    await gw.idle()
 
 
 async def rerun(gw: Gateway, job_id: str) -> None:
@@ -178,3 +180,4 @@ async def test_usage_is_recorded_once_even_when_the_job_function_runs_again(
     report = await usage(http, gw, "sk-alice")
     assert (report["totals"]["jobs"], report["totals"]["images"]) == (2, 3)
     assert report["totals"]["cost"] == pytest.approx(0.03)
+    await gw.idle()

@@ -131,6 +131,7 @@ async def test_receiver_failing_twice_gets_exactly_one_signed_accepted_delivery(
     # a tampered body does not verify
     assert not verify(key["webhook_secret"], Delivery(accepted_delivery.headers,
                                                       accepted_delivery.body.replace(b"succeeded", b"failed"), 200))
+    await gw.idle()
 
 
 async def test_key_default_webhook_and_cancelled_jobs(gateway_factory: GatewayFactory, http: aiohttp.ClientSession,
@@ -147,6 +148,7 @@ async def test_key_default_webhook_and_cancelled_jobs(gateway_factory: GatewayFa
     assert len(receiver.calls) == 1 and receiver.calls[0].headers["X-Imagegw-Event"] == "job.cancelled"
     assert json.loads(receiver.calls[0].body)["error"]["code"] == "job_cancelled"
     assert job["webhook"]["url"] == receiver.url and verify(key["webhook_secret"], receiver.calls[0])
+    await gw.idle()
 
 
 async def test_webhook_urls_follow_the_fetch_rules(gateway_factory: GatewayFactory, http: aiohttp.ClientSession,
@@ -184,3 +186,5 @@ async def test_webhook_urls_follow_the_fetch_rules(gateway_factory: GatewayFacto
         assert resp.status == 200
     await receiver.wait_for(1)
     assert verify("global-secret", receiver.calls[0])
+    await gw.idle()
+    await signed.idle()
