@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 from service.auth import Principal
 from service.errors import Conflict, NotFound
@@ -24,7 +25,7 @@ log = logging.getLogger(__name__)
 
 CAPABILITY = {"generate": "generate", "edit": "edit", "variation": "edit"}
 
-InlineRunner = Callable[[str], Awaitable[None]]
+InlineRunner = Callable[[str], Coroutine[Any, Any, JobRecord | None]]
 
 
 class Dispatcher:
@@ -36,7 +37,7 @@ class Dispatcher:
         self.store = store
         self.hub = hub
         self.inline: InlineRunner | None = None  # set when this process can run jobs itself
-        self.inline_tasks: dict[str, asyncio.Task[None]] = {}
+        self.inline_tasks: dict[str, asyncio.Task[JobRecord | None]] = {}
         self.limiter = Limiter(store.redis, settings)
         self.settlement = Settlement(store.redis, settings, config)
         self.idempotency = IdempotencyStore(store.redis, settings.job_ttl)
@@ -103,6 +104,17 @@ class Dispatcher:
             task = asyncio.create_task(self.inline(record.id))
             self.inline_tasks[record.id] = task
             task.add_done_callback(lambda _: self.inline_tasks.pop(record.id, None))
+            task.add_done_callback(self._answer_waiters)
+
+    def _answer_waiters(self, task: asyncio.Task[JobRecord | None]) -> None:
+        """An inline job's terminal record goes straight to the requests waiting for it, without the trip
+        through Redis pub/sub and the re-read of the record."""
+        if task.cancelled():
+            return
+        if (exc := task.exception()) is not None:
+            log.error("inline job failed", exc_info=exc)
+        elif (ended := task.result()) is not None:
+            self.hub.ended(ended)
 
     async def _replay(self, job_id: str, principal: Principal, *, wait: bool
                       ) -> tuple[JobRecord, JobRecord | None]:

@@ -118,7 +118,7 @@ class ProgressHub:
         self.storage = storage
         self.sio: socketio.AsyncServer | None = None
         self.subscribers: dict[str, dict[str, _Subscriber]] = {}
-        self.waiters: dict[str, set[asyncio.Future[None]]] = {}
+        self.waiters: dict[str, set[asyncio.Future[JobRecord | None]]] = {}
         self.listeners: dict[str, set[asyncio.Queue[JobEvent]]] = {}
 
     # streaming requests: every event of the job, in order, through their own queue
@@ -136,20 +136,27 @@ class ProgressHub:
                 del self.listeners[job_id]
 
     # waiting requests
-    def expect(self, job_id: str) -> asyncio.Future[None]:
+    def expect(self, job_id: str) -> asyncio.Future[JobRecord | None]:
         """Register interest before the job is enqueued, so its end cannot slip by unseen."""
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[JobRecord | None] = asyncio.get_running_loop().create_future()
         self.waiters.setdefault(job_id, set()).add(future)
         return future
 
-    def forget(self, job_id: str, future: asyncio.Future[None]) -> None:
+    def ended(self, record: JobRecord) -> None:
+        """A job run in this process ended: its waiters get the terminal record itself, no re-read needed."""
+        for future in self.waiters.get(record.id, ()):
+            if not future.done():
+                future.set_result(record)
+
+    def forget(self, job_id: str, future: asyncio.Future[JobRecord | None]) -> None:
         waiting = self.waiters.get(job_id)
         if waiting is not None:
             waiting.discard(future)
             if not waiting:
                 del self.waiters[job_id]
 
-    async def wait(self, job_id: str, future: asyncio.Future[None], timeout: float) -> JobRecord | None:
+    async def wait(self, job_id: str, future: asyncio.Future[JobRecord | None], timeout: float
+                   ) -> JobRecord | None:
         """The terminal record, or None if `timeout` passes first. The pub/sub push is the fast path; a
         slow re-read of the record covers a message lost while Redis reconnected."""
         loop = asyncio.get_running_loop()
@@ -160,7 +167,9 @@ class ProgressHub:
                 if remaining <= 0:
                     return None
                 try:
-                    await asyncio.wait_for(asyncio.shield(future), min(remaining, 2.0))
+                    ended = await asyncio.wait_for(asyncio.shield(future), min(remaining, 2.0))
+                    if ended is not None:
+                        return ended
                 except TimeoutError:
                     pass
                 record = await self.store.get(job_id)

@@ -83,12 +83,14 @@ async def run_image_job(ctx: dict[str, Any], job_id: str) -> None:
     await execute_job(res, job_id)
 
 
-async def execute_job(res: WorkerResources, job_id: str) -> None:
+async def execute_job(res: WorkerResources, job_id: str) -> JobRecord | None:
+    """Run the job; returns the terminal record this run wrote (None if another run or a cancel ended it),
+    so a front end running it inline answers its waiting request without a trip through Redis."""
     JOB_ID.set(job_id)
     record = await res.store.start(job_id)
     if record is None:  # cancelled before it started, or finished by an earlier attempt
         await settle_ended(res, job_id)
-        return
+        return None
     progress = JobProgress(res, job_id)
     timeout = res.config.models[record.model].timeout if record.model in res.config.models else None
     await res.limiter.started(record.owner, job_id, timeout or res.settings.job_ttl)
@@ -99,19 +101,17 @@ async def execute_job(res: WorkerResources, job_id: str) -> None:
             routed = await res.router.generate(request, progress)
         result = await store_images(res, record, routed)
     except GatewayError as exc:
-        await asyncio.shield(finish_failed(res, record, exc))
-        return
+        return await asyncio.shield(finish_failed(res, record, exc))
     except TimeoutError:
-        await asyncio.shield(finish_failed(res, record, UpstreamTimeout(
+        return await asyncio.shield(finish_failed(res, record, UpstreamTimeout(
             f"The job did not finish within the model's timeout of {timeout:g} s.")))
-        return
     except Exception:  # a bug in a provider must still end the job; CancelledError is not caught here
         log.exception("job %s failed unexpectedly", job_id)
-        await asyncio.shield(finish_failed(res, record, InternalError("The image back end failed unexpectedly.")))
-        return
+        return await asyncio.shield(
+            finish_failed(res, record, InternalError("The image back end failed unexpectedly.")))
     finally:
         progress.close()
-    await asyncio.shield(finish_succeeded(res, record, result))
+    return await asyncio.shield(finish_succeeded(res, record, result))
 
 
 async def load_request(res: WorkerResources, record: JobRecord) -> ImageRequest:
@@ -151,20 +151,22 @@ async def store_images(res: WorkerResources, record: JobRecord, routed: RoutedRe
     )
 
 
-async def finish_succeeded(res: WorkerResources, record: JobRecord, result: StoredResult) -> None:
+async def finish_succeeded(res: WorkerResources, record: JobRecord, result: StoredResult) -> JobRecord | None:
     done = await res.store.succeed(record.id, result)
     if done is None:
         await res.storage.delete_job(record.id)  # cancelled while running: its images are not wanted
-        return
+        return None
     await res.settlement.settle(done)  # before the announcement: a client told "done" has its slot back
     await res.publisher.finished(done)
+    return done
 
 
-async def finish_failed(res: WorkerResources, record: JobRecord, error: GatewayError) -> None:
+async def finish_failed(res: WorkerResources, record: JobRecord, error: GatewayError) -> JobRecord | None:
     done = await res.store.fail(record.id, JobFailure(status=error.status, error=error.to_dict()))
     if done is not None:
         await res.settlement.settle(done)
         await res.publisher.finished(done)
+    return done
 
 
 async def settle_ended(res: WorkerResources, job_id: str) -> None:
