@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from redis.asyncio import Redis
 from bench.report import Row, Target, percentile, row
 from bench.servers import LoadProcess, Service, Stack
 from service.constants import JOB_KEY
+from service.settings import Settings
 
 PROMPT = "a lighthouse on a cliff at dusk, oil painting"
 UPSTREAM_MODEL = "gpt-image-1"
@@ -46,7 +48,7 @@ class Sizes:
     @classmethod
     def for_mode(cls, quick: bool) -> Sizes:
         if quick:
-            return cls(rounds=3, latency_requests=100, rate_seconds=3, throughput_requests=1500, drain_jobs=2000,
+            return cls(rounds=3, latency_requests=100, rate_seconds=2, throughput_requests=600, drain_jobs=2000,
                        pickup_jobs=100, slow_jobs=200, progress_jobs=20, subscribers=200, progress_events=200,
                        fanout_events=500, large_rounds=1)
         return cls(rounds=5, latency_requests=400, rate_seconds=10, throughput_requests=6000, drain_jobs=10_000,
@@ -110,19 +112,28 @@ class Bench:
             raise RuntimeError(f"the upstream served {served} generations for {expected} gateway answers: "
                                "something answered without calling it")
 
-    async def latency_pair(self, gateway: dict[str, Any], direct: dict[str, Any], *, concurrency: int = 1,
-                           count: int | None = None, rounds: int | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
-        """Alternating rounds, gateway first; the first round of each side is a warm-up and not counted."""
+    def gateway_pids(self, gateway: Service) -> list[int]:
+        """The processes doing a gateway's work: itself, and in Redis mode the running workers."""
+        workers = [s.pid for s in self.stack.services if s.name.startswith("worker")] if gateway.name == "front" else []
+        return [gateway.pid, *workers]
+
+    async def latency_pair(self, gateway: dict[str, Any], direct: dict[str, Any], pids: Sequence[int], *,
+                           concurrency: int = 1, count: int | None = None, rounds: int | None = None
+                           ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Alternating rounds, gateway first, after one warm-up round each. Also the CPU time spent per request:
+        by the gateway's processes (`pids`) on one side, by the upstream on the other."""
         count = count or self.sizes.latency_requests
-        gw: dict[str, Any] = {"latencies": [], "elapsed": 0.0, "errors": 0}
-        base: dict[str, Any] = {"latencies": [], "elapsed": 0.0, "errors": 0}
+        gw: dict[str, Any] = {"latencies": [], "elapsed": 0.0, "errors": 0, "cpu": 0.0}
+        base: dict[str, Any] = {"latencies": [], "elapsed": 0.0, "errors": 0, "cpu": 0.0}
         warm = min(count, 20)
         await self.closed(gateway, concurrency, warm)
         await self.closed(direct, concurrency, warm)
         for _ in range(rounds or self.sizes.rounds):
-            for side, target in ((gw, gateway), (base, direct)):
+            for side, target, watched in ((gw, gateway, pids), (base, direct, [self.stack.upstream.pid])):
                 before = await self.upstream_calls()
+                cpu = cpu_seconds(watched)
                 result = await self.closed(target, concurrency, count)
+                side["cpu"] += cpu_seconds(watched) - cpu
                 if target is gateway:
                     await self.verify_upstream(before, len(result["latencies"]))
                 side["latencies"] += result["latencies"]
@@ -131,17 +142,33 @@ class Bench:
         return gw, base
 
 
+def cpu_seconds(pids: Sequence[int]) -> float:
+    """User plus system CPU time the processes have used so far."""
+    ticks = 0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        ticks += int(fields[11]) + int(fields[12])  # utime, stime
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_row(scenario: str, gw: dict[str, Any], base: dict[str, Any]) -> Row:
+    return row(scenario, "CPU per request", "ms", gw["cpu"] / len(gw["latencies"]) * 1000,
+               base["cpu"] / len(base["latencies"]) * 1000, None)
+
+
 def ms(values: Sequence[float], q: float) -> float:
     return percentile(values, q) * 1000
 
 
 async def latency(bench: Bench, gateway: Service, model: str, scenario: str, p50: float, p99: float) -> None:
-    gw, base = await bench.latency_pair(bench.gateway_target(gateway, model), bench.direct_target())
+    gw, base = await bench.latency_pair(bench.gateway_target(gateway, model), bench.direct_target(),
+                                        bench.gateway_pids(gateway))
     bench.add(
         row(scenario, "p50 latency", "ms", ms(gw["latencies"], 50), ms(base["latencies"], 50),
             Target.adds_at_most(p50, "ms")),
         row(scenario, "p99 latency", "ms", ms(gw["latencies"], 99), ms(base["latencies"], 99),
             Target.adds_at_most(p99, "ms")),
+        cpu_row(scenario, gw, base),
     )
 
 
@@ -168,9 +195,11 @@ async def fixed_rate(bench: Bench, gateway: Service, model: str, scenario: str, 
 
 async def throughput(bench: Bench, gateway: Service, model: str, scenario: str, target: Target | None) -> None:
     gw, base = await bench.latency_pair(bench.gateway_target(gateway, model), bench.direct_target(),
-                                        concurrency=64, count=bench.sizes.throughput_requests, rounds=2)
+                                        bench.gateway_pids(gateway), concurrency=64,
+                                        count=bench.sizes.throughput_requests, rounds=2)
     bench.add(row(scenario, "throughput", "req/s", len(gw["latencies"]) / gw["elapsed"],
-                  len(base["latencies"]) / base["elapsed"], target))
+                  len(base["latencies"]) / base["elapsed"], target),
+              cpu_row(scenario, gw, base))
 
 
 # queue scenarios: job timings come from the job records the gateway keeps
@@ -340,14 +369,16 @@ async def progress(bench: Bench, gateway: Service, plain: Service) -> None:
         await bench.load.run("subscribe", kind=kind, url=url, job_ids=job_ids, count=sizes.subscribers)
         await asyncio.sleep(1.0)
         memory[kind] = (_status(pid)["VmRSS"] - before) / 2**20 * 1000 / sizes.subscribers
-    # paced: 2 ms between events, every event reaches subscribers / jobs clients
+    # paced like real jobs: each reports at most once per progress interval (0.2 s by default), so 100 jobs
+    # make 500 events/s, each reaching subscribers / jobs clients
+    interval = Settings.model_fields["progress_interval"].default / len(job_ids)
     latency: dict[str, list[float]] = {"sio": [], "plain": []}
     lost = {"sio": 0, "plain": 0}
     rates: dict[str, list[float]] = {"sio": [], "plain": []}
     for _ in range(2):
         for kind in ("sio", "plain"):
             result = await bench.load.run("publish", kind=kind, redis_url=redis_url, job_ids=job_ids,
-                                          events=sizes.progress_events, interval=0.002)
+                                          events=sizes.progress_events, interval=interval)
             latency[kind] += result["latencies"]
             lost[kind] += result["expected"] - result["received"]
     for _ in range(2):

@@ -76,6 +76,7 @@ class Stack:
         self.services: list[Service] = []
         self.redis_url = ""
         self.upstream_url = ""
+        self.upstream: Service  # set by start_upstream
         self.config_path = workdir / "config.yaml"
 
     async def _spawn(self, name: str, *args: str, env: dict[str, str] | None = None, stdin: bool = False
@@ -125,6 +126,7 @@ class Stack:
         port = free_port()
         service = await self._spawn("upstream", sys.executable, "-m", "bench.upstream", str(port))
         await self._ready_line(service)
+        self.upstream = service
         self.upstream_url = service.url = f"http://127.0.0.1:{port}"
         self.config_path.write_text(yaml.safe_dump(gateway_config(self.upstream_url)))
         return self.upstream_url
