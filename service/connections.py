@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 
 from arq.connections import ArqRedis
 from fakeredis import FakeServer
@@ -12,7 +13,7 @@ from fakeredis.aioredis import FakeAsyncRedisMixin
 
 from service.constants import SIGNING_SECRET_KEY
 from service.settings import Settings
-from service.storage import LocalStorage, Storage, UrlSigner
+from service.storage import LocalStorage, Storage, UrlSigner, sweep_forever
 
 
 class EmbeddedRedis(FakeAsyncRedisMixin, ArqRedis):  # type: ignore[misc]
@@ -47,11 +48,18 @@ async def signing_secret(settings: Settings, redis: ArqRedis) -> bytes:
 @asynccontextmanager
 async def open_storage(settings: Settings, redis: ArqRedis) -> AsyncIterator[Storage]:
     """The storage back end `settings.storage` names, open for the life of the block."""
-    if settings.storage == "s3":
-        from service.storage_s3 import open_s3_storage  # botocore is slow to import; only S3 users pay
+    async with AsyncExitStack() as stack:
+        storage: Storage
+        if settings.storage == "s3":
+            from service.storage_s3 import open_s3_storage  # botocore is slow to import; only S3 users pay
 
-        async with open_s3_storage(settings, redis) as storage:
+            storage = await stack.enter_async_context(open_s3_storage(settings, redis))
+        else:
+            storage = LocalStorage(settings.data_dir / "files",
+                                   UrlSigner(await signing_secret(settings, redis), settings.url_ttl))
+        sweeper = asyncio.create_task(sweep_forever(storage, redis, settings))
+        try:
             yield storage
-        return
-    signer = UrlSigner(await signing_secret(settings, redis), settings.url_ttl)
-    yield LocalStorage(settings.data_dir / "files", signer)
+        finally:
+            sweeper.cancel()
+            await asyncio.gather(sweeper, return_exceptions=True)

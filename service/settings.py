@@ -70,7 +70,8 @@ class Settings(BaseSettings):
     s3_region: str | None = Field(None, description="default: AWS_REGION / AWS_DEFAULT_REGION")
     s3_prefix: str = Field("imagegw/", description="key prefix of every object the gateway writes")
     s3_addressing_style: Literal["auto", "path", "virtual"] = "auto"
-    s3_sweep_interval: float = Field(3600.0, gt=0, description="seconds between deletions of objects older than job_ttl")
+    storage_sweep_interval: float = Field(
+        3600.0, gt=0, description="seconds between deletions of stored images older than job_ttl")
 
     @property
     def embedded(self) -> bool:

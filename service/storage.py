@@ -5,12 +5,21 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import logging
 import re
 import shutil
 import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Protocol
 from urllib.parse import urlencode
+
+from arq.connections import ArqRedis
+
+from service.constants import STORAGE_SWEEP_KEY
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
 
 # job id (hex) / (index | input-index | mask) . extension: the only names storage ever holds, so no path can
 # escape the root; only result images (index names) are served to clients
@@ -47,6 +56,10 @@ class Storage(Protocol):
     async def delete_job(self, job_id: str) -> None: ...
 
     async def public_url(self, name: str, base_url: str) -> str: ...
+
+    async def purge_older_than(self, cutoff: datetime) -> int:
+        """Delete the images written before `cutoff`; how many were deleted."""
+        ...
 
 
 class UrlSigner:
@@ -107,3 +120,31 @@ class LocalStorage:
 
     async def public_url(self, name: str, base_url: str) -> str:
         return self.signer.sign(name, base_url)
+
+    async def purge_older_than(self, cutoff: datetime) -> int:
+        return await asyncio.to_thread(self._purge, cutoff.timestamp())
+
+    def _purge(self, cutoff: float) -> int:
+        deleted = 0
+        for job_dir in self.root.iterdir():
+            files = list(job_dir.iterdir()) if job_dir.is_dir() else []
+            if all(f.stat().st_mtime < cutoff for f in files):
+                deleted += len(files)
+                shutil.rmtree(job_dir, ignore_errors=True)
+        return deleted
+
+
+async def sweep_forever(storage: Storage, redis: ArqRedis, settings: Settings) -> None:
+    """Deletes stored images older than the job lifetime. Every process runs this; a Redis key lets only one
+    of them sweep per interval."""
+    hold = max(1, int(settings.storage_sweep_interval))
+    while True:
+        try:
+            if await redis.set(STORAGE_SWEEP_KEY, str(time.time()), nx=True, ex=hold):
+                cutoff = datetime.now(UTC) - timedelta(seconds=settings.job_ttl)
+                deleted = await storage.purge_older_than(cutoff)
+                if deleted:
+                    log.info("deleted %d stored images older than %d s", deleted, settings.job_ttl)
+        except Exception as exc:  # Redis or the bucket away: try again next interval; cancellation propagates
+            log.warning("storage sweep failed: %s", exc)
+        await asyncio.sleep(settings.storage_sweep_interval)

@@ -1,28 +1,24 @@
 """Images in an S3-compatible bucket (AWS S3, MinIO, R2, Ceph...), handed out as presigned, expiring links.
 
-Object lifetime: the gateway deletes its own objects older than `job_ttl` (a sweep at most once per
-`s3_sweep_interval` across all processes, coordinated through Redis), so it works on any S3-compatible service
-and needs no bucket-level permission. A bucket lifecycle rule on the same prefix is a fine addition where the
-service supports one, but it counts in whole days.
+Object lifetime: the gateway deletes its own objects older than `job_ttl`
+(`service.storage.sweep_forever`), so it works on any S3-compatible service and needs no bucket-level
+permission. A bucket lifecycle rule on the same prefix is a fine addition where the service supports one,
+but it counts in whole days.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import time
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
 from arq.connections import ArqRedis
-from botocore.exceptions import BotoCoreError, ClientError
-from redis.exceptions import RedisError
+from botocore.exceptions import ClientError
 
-from service.constants import STORAGE_SWEEP_KEY
 from service.settings import Settings
 from service.storage import NAME_PATTERN, content_type
 
@@ -101,7 +97,7 @@ def client_config(settings: Settings) -> AioConfig:
 
 @asynccontextmanager
 async def open_s3_storage(settings: Settings, redis: ArqRedis) -> AsyncIterator[S3Storage]:
-    """The bucket's clients (credentials from the standard AWS variables and files) and the sweeper task."""
+    """The bucket's clients (credentials from the standard AWS variables and files)."""
     if not settings.s3_bucket:
         raise ValueError("IMAGEGW_STORAGE=s3 needs IMAGEGW_S3_BUCKET")
     if settings.url_ttl > MAX_PRESIGN_SECONDS:
@@ -129,25 +125,4 @@ async def open_s3_storage(settings: Settings, redis: ArqRedis) -> AsyncIterator[
                     config=client_config(settings),
                 )
             )
-        storage = S3Storage(client, signer, settings.s3_bucket, settings.s3_prefix, settings.url_ttl)
-        sweeper = asyncio.create_task(sweep_forever(storage, redis, settings))
-        try:
-            yield storage
-        finally:
-            sweeper.cancel()
-            await asyncio.gather(sweeper, return_exceptions=True)
-
-
-async def sweep_forever(storage: S3Storage, redis: ArqRedis, settings: Settings) -> None:
-    """Every process runs this; the Redis key lets only one of them sweep per interval."""
-    hold = max(1, int(settings.s3_sweep_interval))
-    while True:
-        try:
-            if await redis.set(STORAGE_SWEEP_KEY, str(time.time()), nx=True, ex=hold):
-                cutoff = datetime.now(UTC) - timedelta(seconds=settings.job_ttl)
-                deleted = await storage.purge_older_than(cutoff)
-                if deleted:
-                    log.info("deleted %d stored images older than %d s", deleted, settings.job_ttl)
-        except (ClientError, BotoCoreError, RedisError, OSError) as exc:  # try again next interval
-            log.warning("storage sweep failed: %s", exc)
-        await asyncio.sleep(settings.s3_sweep_interval)
+        yield S3Storage(client, signer, settings.s3_bucket, settings.s3_prefix, settings.url_ttl)

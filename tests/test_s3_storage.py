@@ -23,7 +23,7 @@ import pytest
 from moto.server import ThreadedMotoServer
 from PIL import Image
 
-from service.connections import RedisFactory
+from service.connections import RedisFactory, open_storage
 from service.constants import STORAGE_SWEEP_KEY
 from service.settings import Settings
 from service.storage import image_name
@@ -183,7 +183,7 @@ async def test_objects_are_deleted_per_job_and_after_their_lifetime(
     )
     redis = RedisFactory(settings)()
     admin.put_object(Bucket=bucket, Key="someone-else/0.png", Body=PNG)  # outside our prefix: never touched
-    async with open_s3_storage(settings, redis) as storage:
+    async with open_storage(settings, redis) as storage:
         for _ in range(200):  # the sweeper runs at start-up and then holds the interval's key
             if await redis.exists(STORAGE_SWEEP_KEY):
                 break
