@@ -21,6 +21,7 @@ from service.middleware import (
     add_request_id,
     auth_middleware,
     body_deadline_middleware,
+    close_after_broken_body,
     error_middleware,
     observe_middleware,
 )
@@ -127,7 +128,7 @@ def create_app(settings: Settings, config: GatewayConfig | None = None) -> web.A
     keys = KeyRing(config.keys, settings.admin_token, settings.webhook_secret)
     middlewares = [observe_middleware, error_middleware, body_deadline_middleware, auth_middleware]
     app = web.Application(middlewares=middlewares, client_max_size=settings.max_body_bytes)
-    app.on_response_prepare.append(add_request_id)
+    app.on_response_prepare.extend([add_request_id, close_after_broken_body])
     app[METRICS] = Metrics()
     app[SETTINGS] = settings
     app[CONFIG] = config

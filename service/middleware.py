@@ -12,7 +12,14 @@ from aiohttp.typedefs import Handler
 
 from redis.exceptions import RedisError
 
-from service.errors import GatewayError, InternalError, RequestTimeout, ServiceUnavailable, error_for_status
+from service.errors import (
+    GatewayError,
+    InternalError,
+    InvalidRequest,
+    RequestTimeout,
+    ServiceUnavailable,
+    error_for_status,
+)
 from service.logs import REQUEST_ID, REQUEST_ID_HEADER, request_id_from
 from service.state import KEYS, METRICS, PRINCIPAL, REQUEST_ID_KEY, SETTINGS
 
@@ -67,6 +74,15 @@ async def add_request_id(request: web.Request, response: web.StreamResponse) -> 
         response.headers[REQUEST_ID_HEADER] = request_id
 
 
+async def close_after_broken_body(request: web.Request, response: web.StreamResponse) -> None:
+    """`on_response_prepare`: aiohttp drops the connection after a request whose body failed to parse (bad
+    framing or encoding), even one the handler never read; the answer says so, or the client would send its
+    next request on a connection about to close."""
+    if request.content.exception() is not None:
+        response.force_close()
+        response.headers["Connection"] = "close"  # the headers are already made: say it there too
+
+
 def error_response(error: GatewayError) -> web.Response:
     return web.json_response(error.body(), status=error.status, headers=error.headers)
 
@@ -77,6 +93,9 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return await handler(request)
     except GatewayError as exc:
         return error_response(exc)
+    except web.RequestPayloadError as exc:  # the body itself is broken: bad chunked framing or encoding
+        return error_response(InvalidRequest(f"The request body could not be read: {exc}",
+                                             code="invalid_body"))
     except (RedisError, OSError) as exc:
         # Redis unreachable: fail fast with a retryable status instead of hanging or a bare 500
         log.warning("storage unavailable on %s %s: %s", request.method, request.path, exc)

@@ -314,7 +314,7 @@ def parse_body(model: type[M], raw: bytes) -> M:
     """Parse a JSON body into `model`; every failure is a 400 that names the parameter, like OpenAI's."""
     try:
         data = json.loads(raw) if raw else None
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:  # bad JSON or UTF-8, an int of 5000 digits, [[[[... nested
         raise InvalidRequest(f"We could not parse the JSON body of your request: {exc}", code="invalid_json") from None
     if not isinstance(data, dict):
         raise InvalidRequest("The request body must be a JSON object.", code="invalid_json")

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import BodyPartReader, web
+from aiohttp.http_exceptions import HttpProcessingError
 from PIL import Image
 
 from service.errors import InvalidRequest, PayloadTooLarge
@@ -66,6 +67,15 @@ async def read_form(request: web.Request, settings: Settings, *, mask: bool) -> 
     and (when `mask`) `mask` is the mask; everything else is a text field, each at most once."""
     if request.content_length is not None and request.content_length > settings.max_body_bytes:
         raise PayloadTooLarge(f"The request body is too large: at most {settings.max_body_bytes} bytes.")
+    try:
+        return await _read_parts(request, settings, mask=mask)
+    except (ValueError, HttpProcessingError) as exc:
+        # how aiohttp reports a body that is not the multipart it claims to be: no or a bad boundary, a
+        # body cut short, an oversized part header
+        raise InvalidRequest(f"The multipart body is malformed: {exc}", code="invalid_multipart") from None
+
+
+async def _read_parts(request: web.Request, settings: Settings, *, mask: bool) -> Form:
     form = Form()
     total = 0
     reader = await request.multipart()
@@ -108,6 +118,7 @@ async def _read_part(part: BodyPartReader, limit: int, *, field: str, body_left:
 # Form values are strings; these are coerced explicitly, so the strict JSON model judges them as it would JSON
 INT_FIELDS = frozenset({"n", "output_compression", "partial_images", "seed"})
 BOOL_FIELDS = frozenset({"stream", "watermark"})
+MAX_INT_DIGITS = 20  # beyond any accepted value (the seed is below 2**63)
 
 
 def coerce_form(fields: dict[str, str]) -> dict[str, Any]:
@@ -117,6 +128,8 @@ def coerce_form(fields: dict[str, str]) -> dict[str, Any]:
         if name in INT_FIELDS:
             if not re.fullmatch(r"-?[0-9]+", value.strip()):
                 raise _wrong_type(name, "an integer")
+            if len(value.strip()) > MAX_INT_DIGITS:  # int() refuses thousands of digits; all are out of range
+                raise InvalidRequest(f"Invalid value for '{name}': out of range.", param=name)
             values[name] = int(value)
         elif name in BOOL_FIELDS:
             lowered = value.strip().lower()

@@ -132,6 +132,14 @@ class Cluster(ProcessCluster):
             assert (await resp.json())["data"][0]["b64_json"]
 
 
+def rss_kib(pid: int) -> int:
+    """A process's resident memory, from /proc."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS line")
+
+
 def write_config(path: Path, config: dict[str, Any]) -> Path:
     path.write_text(yaml.safe_dump({"keys": [{"name": "faults", "key": KEY}], **config}))
     return path

@@ -8,13 +8,12 @@ import statistics
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 
-from tests.faults.harness import AUTH, CLIENT_TIMEOUT, Cluster, running_cluster
+from tests.faults.harness import AUTH, CLIENT_TIMEOUT, Cluster, rss_kib, running_cluster
 
 CONCURRENCY = 2  # jobs the one worker runs at once
 QUEUE_CAP = 4  # jobs allowed to wait
@@ -46,14 +45,6 @@ async def http() -> AsyncIterator[aiohttp.ClientSession]:
     unlimited = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(timeout=CLIENT_TIMEOUT, connector=unlimited) as session:
         yield session
-
-
-def rss_kib(pid: int) -> int:
-    """The process's resident memory, from /proc."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise AssertionError("no VmRSS line")
 
 
 async def probe_health(http: aiohttp.ClientSession, url: str, stop: asyncio.Event) -> list[float]:
