@@ -20,9 +20,10 @@ SLOW = {"steps": 10, "step_delay": 0.1}  # a job takes about a second
 
 def slow_config() -> dict[str, Any]:
     return {
-        "providers": {"slow": {"type": "local", "options": SLOW}, "local": {"type": "local", "options": {}}},
-        "models": {"slow": {"family": "generic", "deployments": [{"provider": "slow"}]},
-                   "local": {"family": "generic", "deployments": [{"provider": "local"}]}},
+        "providers": {"slow": {"type": "local", "options": SLOW}, "local": {"type": "local", "options": {}},
+                      "slower": {"type": "local", "options": {**SLOW, "steps": 100}}},
+        "models": {name: {"family": "generic", "deployments": [{"provider": name}]}
+                   for name in ("slow", "local", "slower")},
     }
 
 
@@ -95,4 +96,25 @@ async def test_a_worker_killed_holding_several_jobs_loses_none_and_doubles_none(
     attempts = sorted(int(record["attempts"]) for record in ledger.records.values())
     # the victim's jobs (one to four of them) ran again on the surviving worker, every other job ran once
     assert attempts.count(2) >= 1 and set(attempts) <= {1, 2}, attempts
+    await cluster.still_serves(http, "local")
+
+
+async def test_a_job_whose_workers_keep_dying_fails_after_three_starts(cluster: Cluster,
+                                                                       http: aiohttp.ClientSession) -> None:
+    job_id = await cluster.submit_async(http, "slower")
+    for attempt in (1, 2, 3):
+        deadline = time.monotonic() + 30
+        while (record := cluster.job_records()[job_id]).get("attempts") != str(attempt) \
+                or record["status"] != "running":
+            assert time.monotonic() < deadline, f"start {attempt} never came: {record}"
+            await asyncio.sleep(0.02)
+        for worker in cluster.processes.procs[1:]:  # whoever runs it, and any other worker, dies
+            if worker.poll() is None:
+                worker.send_signal(signal.SIGKILL)
+                worker.wait()
+        cluster.processes.start("worker")
+    job = await cluster.wait_status(http, job_id, {"succeeded", "failed", "cancelled"})
+    assert job["status"] == "failed" and job["error"]["code"] == "worker_lost", job
+    ledger = await cluster.settled(set(), 1)
+    assert ledger.records[job_id]["attempts"] == "3"  # the fourth start only recorded the failure
     await cluster.still_serves(http, "local")
