@@ -1,11 +1,12 @@
 """Admission control: per-key rate, concurrency and budget limits plus the global queue cap, decided
 atomically in Redis so that any number of front-end processes enforce them exactly.
 
-Windows are sliding logs (a sorted set of admissions scored by Redis server time in ms), so "5 per minute"
-means at most 5 in any 60 s, never 10 across a window boundary. Concurrent and queued jobs are leases: a job's
-id scored by the time its slot lapses on its own, so a front end or worker that dies without releasing
-cannot hold the slot forever. A worker shortens the lease when it starts the job; the job's settlement
-(service/settlement.py) releases both slots and refunds the budget of the images not made.
+Windows are sliding logs (a sorted set of admissions scored by Redis server time in ms, kept only for keys
+with that limit), so "5 per minute" means at most 5 in any 60 s, never 10 across a window boundary.
+Concurrent and queued jobs are leases: a job's id scored by the time its slot lapses on its own, so a front
+end or worker that dies without releasing cannot hold the slot forever. A worker shortens the lease when it
+starts the job; the job's settlement (service/settlement.py) releases both slots and refunds the budget of
+the images not made.
 
 The queue cap counts the same way, over every key: image jobs admitted to the queue and not started yet.
 That is what makes it exact (the arq queue itself only grows after admission, so checking its length would
@@ -87,10 +88,14 @@ if budget >= 0 then
   local used = tonumber(redis.call('GET', KEYS[5]) or '0')
   if used + n > budget then return {'budget', 0, budget, used} end
 end
-redis.call('ZADD', KEYS[1], now, job)
-redis.call('PEXPIRE', KEYS[1], window)
-redis.call('ZADD', KEYS[2], now, job .. ':' .. n)
-redis.call('PEXPIRE', KEYS[2], window)
+if rpm >= 0 then
+  redis.call('ZADD', KEYS[1], now, job)
+  redis.call('PEXPIRE', KEYS[1], window)
+end
+if ipm >= 0 then
+  redis.call('ZADD', KEYS[2], now, job .. ':' .. n)
+  redis.call('PEXPIRE', KEYS[2], window)
+end
 redis.call('ZADD', KEYS[3], now + lease, job)
 redis.call('PEXPIRE', KEYS[3], lease)
 if enqueue then

@@ -130,12 +130,18 @@ class Metrics:
         self.latency.labels(route, method).observe(seconds)
 
     async def exposition(self, redis: ArqRedis, queue_name: str, subscribers: int) -> bytes:
-        async with redis.pipeline(transaction=False) as pipe:
-            pipe.hgetall(METRICS_JOBS)
-            pipe.hgetall(METRICS_JOB_SECONDS)
-            pipe.hgetall(METRICS_UPSTREAM_ERRORS)
-            pipe.zcount(queue_name, "-inf", int(time.time() * 1000))
-            jobs, seconds, errors, depth = await pipe.execute()
+        """The text format; without Redis only this front end's series, so a scrape still tells something."""
+        try:
+            async with redis.pipeline(transaction=False) as pipe:
+                pipe.hgetall(METRICS_JOBS)
+                pipe.hgetall(METRICS_JOB_SECONDS)
+                pipe.hgetall(METRICS_UPSTREAM_ERRORS)
+                pipe.zcount(queue_name, "-inf", int(time.time() * 1000))
+                jobs, seconds, errors, depth = await pipe.execute()
+            snapshot: ClusterSnapshot | None = ClusterSnapshot(jobs, seconds, errors, int(depth), subscribers)
+        except RedisError as exc:
+            log.warning("cluster metrics unavailable: %s", exc)
+            snapshot = None
         # no await between taking the snapshot and rendering it: concurrent scrapes cannot mix
-        self.cluster.snapshot = ClusterSnapshot(jobs, seconds, errors, int(depth), subscribers)
+        self.cluster.snapshot = snapshot
         return generate_latest(self.registry)
