@@ -116,7 +116,7 @@ async def test_worker_metrics_reach_every_front_end(processes: Processes, tmp_pa
                    "imagegw-local": {"deployments": [{"provider": "local"}]}},
     }))
     processes.env.update({"IMAGEGW_REDIS_URL": redis_url, "IMAGEGW_CONFIG": str(config),
-                          "METRICS_OPENAI_KEY": API_KEY})
+                          "METRICS_OPENAI_KEY": API_KEY, "IMAGEGW_SYNC_TIMEOUT": "30"})
     urls = []
     for _ in range(2):
         port = free_port()
