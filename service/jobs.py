@@ -161,7 +161,8 @@ class JobStore:
 
     async def start(self, job_id: str) -> JobRecord | None:
         """queued (or running, when arq re-runs a job after a crash) -> running."""
-        return await self.transition(job_id, ACTIVE, {"status": "running", "started_at": time.time()})
+        return await self.transition(job_id, ACTIVE, {"status": "running", "stage": "starting",
+                                                       "started_at": time.time()})
 
     async def succeed(self, job_id: str, result: StoredResult) -> JobRecord | None:
         return await self.transition(

@@ -33,6 +33,7 @@ class JobProgress:
         self.percent = 0
         self.stage = "starting"
         self.sent = (-1, "")
+        self.recorded = (0, "starting")  # what `JobStore.start` already wrote into the record
         self.last_sent_at = 0.0
         self.partials = 0
         self._flush: asyncio.Task[None] | None = None
@@ -58,7 +59,8 @@ class JobProgress:
             return
         self.sent = state
         self.last_sent_at = time.monotonic()
-        await self.res.store.set_progress(self.job_id, self.percent, self.stage)
+        if state != self.recorded:  # the opening event needs no record write: a round trip less per job
+            await self.res.store.set_progress(self.job_id, self.percent, self.stage)
         await self.res.publisher.progress(self.job_id, self.percent, self.stage)
 
     async def partial_image(self, image: bytes, fmt: str) -> None:
