@@ -32,8 +32,8 @@ async def run(bench: Bench, groups: set[str]) -> None:
     if "embedded" in groups:
         print("embedded mode", flush=True)
         gateway = await stack.start_gateway("embedded", redis=False)
-        await scenarios.latency(bench, gateway, "bench-inline", "sync generate, inline, embedded mode, c=1", 1, 3)
-        await scenarios.latency(bench, gateway, "bench-queued", "sync generate, queued, embedded mode, c=1", 2, 5)
+        await scenarios.latency(bench, gateway, "bench-inline", "sync generate, inline, embedded, c=1", 1, 3)
+        await scenarios.latency(bench, gateway, "bench-queued", "sync generate, queued, embedded, c=1", 2, 5)
         await stack.stop(gateway)
 
     redis_groups = groups & {"latency", "queue", "rate", "throughput", "large", "slow"}
@@ -46,18 +46,18 @@ async def run(bench: Bench, groups: set[str]) -> None:
         else:
             await stack.start_worker("worker-1", queue=QUEUE)
         if "latency" in groups:
-            await scenarios.latency(bench, front, "bench-inline", "sync generate, inline, Redis mode, c=1", 1, 3)
-            await scenarios.latency(bench, front, "bench-queued", "sync generate, queued, Redis mode, 1 worker, c=1",
-                                    2, 5)
+            await scenarios.latency(bench, front, "bench-inline", "sync generate, inline, Redis, c=1", 1, 3)
+            queued = "sync generate, queued, Redis, 1 worker, c=1"
+            await scenarios.latency(bench, front, "bench-queued", queued, 2, 5)
         if "queue" in groups:
             await scenarios.pickup(bench, front, redis)
         if "rate" in groups:
-            await scenarios.fixed_rate(bench, front, "bench-inline", "300 req/s, inline, Redis mode")
-            await scenarios.fixed_rate(bench, front, "bench-queued", "300 req/s, queued, Redis mode, 1 worker")
+            await scenarios.fixed_rate(bench, front, "bench-inline", "300 req/s, inline, Redis")
+            await scenarios.fixed_rate(bench, front, "bench-queued", "300 req/s, queued, Redis, 1 worker")
         if "throughput" in groups:
-            await scenarios.throughput(bench, front, "bench-inline", "sync generate, inline, Redis mode, c=64",
+            await scenarios.throughput(bench, front, "bench-inline", "sync generate, inline, Redis, c=64",
                                        Target.at_least(1000, "req/s") & Target.ratio_at_least(0.3))
-            await scenarios.throughput(bench, front, "bench-queued", "sync generate, queued, 1 worker, c=64", None)
+            await scenarios.throughput(bench, front, "bench-queued", "sync generate, queued, 1 worker, c=64")
         if "large" in groups:
             await scenarios.large(bench, front)
         if groups & {"slow", "throughput"}:
@@ -65,14 +65,14 @@ async def run(bench: Bench, groups: set[str]) -> None:
         if "slow" in groups:
             await scenarios.slow_jobs(bench, front, redis, 2 * slots)
         if "throughput" in groups:
-            await scenarios.throughput(bench, front, "bench-queued", "sync generate, queued, 2 workers, c=64", None)
+            await scenarios.throughput(bench, front, "bench-queued", "sync generate, queued, 2 workers, c=64")
         await redis.aclose()
         for service in [s for s in stack.services if s.name.startswith(("front", "worker"))]:
             await stack.stop(service)
 
     if "progress" in groups:
         print("progress", flush=True)
-        # a front end whose queue no worker serves: its jobs stay queued, so only the bench's events reach them
+        # a front end whose queue no worker serves: its jobs stay queued and get only the bench's events
         front = await stack.start_gateway("progress", redis=True, queue="bench:parked")
         plain = await stack.start_plain_ws()
         await scenarios.progress(bench, front, plain)
@@ -103,7 +103,7 @@ async def main(quick: bool, groups: set[str], output: Path) -> int:
 
 def cli() -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="fewer samples per scenario (under five minutes)")
+    parser.add_argument("--quick", action="store_true", help="fewer samples (under five minutes)")
     parser.add_argument("--only", help=f"comma-separated groups: {', '.join(GROUPS)}")
     parser.add_argument("--output", type=Path, default=RESULTS, help=f"default {RESULTS}")
     args = parser.parse_args()

@@ -1,4 +1,4 @@
-"""The load generator: a separate process, driven by JSON commands on stdin, one JSON answer per line on stdout.
+"""The load generator: a separate process, driven by JSON commands on stdin, one JSON answer per line.
 
 It holds what a load test needs between commands (open Socket.IO and WebSocket subscribers) and does the
 timing itself, so the process running the gateway never measures its own work. HTTP goes through a
@@ -20,7 +20,6 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from bench.subscribers import SubscriberPool
-
 
 REQUEST_TIMEOUT = 120.0  # a request taking longer is an error, not a hang
 
@@ -210,7 +209,8 @@ async def serve() -> None:
             result: dict[str, Any]
             if op == "closed":
                 outcome = await closed_loop(Target.from_command(command["target"]), command["concurrency"],
-                                            command["count"], command.get("keep", False), command.get("pause", 0.0))
+                                            command["count"], command.get("keep", False),
+                                            command.get("pause", 0.0))
                 result = outcome.to_json()
             elif op == "open":
                 outcome = await open_loop(Target.from_command(command["target"]), command["rate"],

@@ -80,8 +80,8 @@ def _number(value: float | None) -> str:
 def table(rows: Sequence[Row]) -> str:
     header = ("scenario", "metric", "unit", "value", "baseline", "ratio", "target", "met")
     cells = [header] + [
-        (r.scenario, r.metric, r.unit, _number(r.value), _number(r.baseline), _number(r.ratio), r.target or "-",
-         {True: "yes", False: "NO", None: "-"}[r.met])
+        (r.scenario, r.metric, r.unit, _number(r.value), _number(r.baseline), _number(r.ratio),
+         r.target or "-", {True: "yes", False: "NO", None: "-"}[r.met])
         for r in rows
     ]
     widths = [max(len(c[i]) for c in cells) for i in range(len(header))]
@@ -92,7 +92,8 @@ def table(rows: Sequence[Row]) -> str:
 
 def commit() -> str:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True)
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                             check=True)
         dirty = subprocess.run(["git", "status", "--porcelain", "--", "service", "workers"], cwd=ROOT,
                                capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):

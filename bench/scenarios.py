@@ -18,12 +18,11 @@ from typing import Any
 from redis.asyncio import Redis
 
 from bench.report import Row, Target, percentile, row
-from bench.servers import LoadProcess, Service, Stack
+from bench.servers import UPSTREAM_MODEL, LoadProcess, Service, Stack
 from service.constants import JOB_KEY
 from service.settings import Settings
 
 PROMPT = "a lighthouse on a cliff at dusk, oil painting"
-UPSTREAM_MODEL = "gpt-image-1"
 ASYNC = {"Prefer": "respond-async"}
 QUEUE = "bench:queue"
 
@@ -48,12 +47,12 @@ class Sizes:
     @classmethod
     def for_mode(cls, quick: bool) -> Sizes:
         if quick:
-            return cls(rounds=3, latency_requests=100, rate_seconds=2, throughput_requests=600, drain_jobs=2000,
-                       pickup_jobs=100, slow_jobs=200, progress_jobs=20, subscribers=200, progress_events=200,
-                       fanout_events=500, large_rounds=1)
-        return cls(rounds=5, latency_requests=400, rate_seconds=10, throughput_requests=6000, drain_jobs=10_000,
-                   pickup_jobs=300, slow_jobs=2000, progress_jobs=100, subscribers=1000, progress_events=1000,
-                   fanout_events=3000, large_rounds=3)
+            return cls(rounds=3, latency_requests=100, rate_seconds=2, throughput_requests=600,
+                       drain_jobs=2000, pickup_jobs=100, slow_jobs=200, progress_jobs=20, subscribers=200,
+                       progress_events=200, fanout_events=500, large_rounds=1)
+        return cls(rounds=5, latency_requests=400, rate_seconds=10, throughput_requests=6000,
+                   drain_jobs=10_000, pickup_jobs=300, slow_jobs=2000, progress_jobs=100, subscribers=1000,
+                   progress_events=1000, fanout_events=3000, large_rounds=3)
 
 
 @dataclass
@@ -68,13 +67,15 @@ class Bench:
         self.rows.extend(rows)
         for r in rows:
             verdict = {True: "met", False: "MISSED", None: "-"}[r.met]
-            print(f"  {r.scenario} | {r.metric}: {r.value:g} {r.unit} vs {r.baseline:g} ({verdict})", flush=True)
+            print(f"  {r.scenario} | {r.metric}: {r.value:g} {r.unit} vs {r.baseline:g} ({verdict})",
+                  flush=True)
 
     # requests
     def gateway_target(self, gateway: Service, model: str, *, headers: dict[str, str] | None = None,
                        status: int = 200, **params: Any) -> dict[str, Any]:
-        return {"url": gateway.url + "/v1/images/generations", "body": {"model": model, "prompt": PROMPT, **params},
-                "headers": headers or {}, "status": status,
+        return {"url": gateway.url + "/v1/images/generations",
+                "body": {"model": model, "prompt": PROMPT, **params}, "headers": headers or {},
+                "status": status,
                 "contains": '"b64_json"' if status == 200 else '"object":"image.job"'}
 
     def direct_target(self, **params: Any) -> dict[str, Any]:
@@ -85,11 +86,12 @@ class Bench:
     async def upstream_calls(self) -> dict[str, int]:
         import aiohttp
 
-        async with aiohttp.ClientSession() as session, session.get(self.stack.upstream_url + "/stats") as resp:
+        async with aiohttp.ClientSession() as http, http.get(self.stack.upstream_url + "/stats") as resp:
             calls: dict[str, int] = await resp.json()
             return calls
 
-    async def closed(self, target: dict[str, Any], concurrency: int, count: int, **extra: Any) -> dict[str, Any]:
+    async def closed(self, target: dict[str, Any], concurrency: int, count: int, **extra: Any
+                     ) -> dict[str, Any]:
         result = await self.load.run("closed", target=target, concurrency=concurrency, count=count, **extra)
         return self._checked(result, target)
 
@@ -114,14 +116,15 @@ class Bench:
 
     def gateway_pids(self, gateway: Service) -> list[int]:
         """The processes doing a gateway's work: itself, and in Redis mode the running workers."""
-        workers = [s.pid for s in self.stack.services if s.name.startswith("worker")] if gateway.name == "front" else []
-        return [gateway.pid, *workers]
+        if gateway.name != "front":
+            return [gateway.pid]
+        return [gateway.pid, *(s.pid for s in self.stack.services if s.name.startswith("worker"))]
 
     async def latency_pair(self, gateway: dict[str, Any], direct: dict[str, Any], pids: Sequence[int], *,
                            concurrency: int = 1, count: int | None = None, rounds: int | None = None
                            ) -> tuple[dict[str, Any], dict[str, Any]]:
-        """Alternating rounds, gateway first, after one warm-up round each. Also the CPU time spent per request:
-        by the gateway's processes (`pids`) on one side, by the upstream on the other."""
+        """Alternating rounds, gateway first, after one warm-up round each. Also the CPU time spent per
+        request: by the gateway's processes (`pids`) on one side, by the upstream on the other."""
         count = count or self.sizes.latency_requests
         gw: dict[str, Any] = {"latencies": [], "elapsed": 0.0, "errors": 0, "cpu": 0.0}
         base: dict[str, Any] = {"latencies": [], "elapsed": 0.0, "errors": 0, "cpu": 0.0}
@@ -193,7 +196,8 @@ async def fixed_rate(bench: Bench, gateway: Service, model: str, scenario: str, 
     )
 
 
-async def throughput(bench: Bench, gateway: Service, model: str, scenario: str, target: Target | None) -> None:
+async def throughput(bench: Bench, gateway: Service, model: str, scenario: str, target: Target | None = None
+                     ) -> None:
     gw, base = await bench.latency_pair(bench.gateway_target(gateway, model), bench.direct_target(),
                                         bench.gateway_pids(gateway), concurrency=64,
                                         count=bench.sizes.throughput_requests, rounds=2)
@@ -208,30 +212,34 @@ async def job_times(redis: Redis, bodies: Sequence[str]) -> list[dict[str, Any]]
     ids = [json.loads(b)["id"] for b in bodies]
     async with redis.pipeline(transaction=False) as pipe:
         for job_id in ids:
-            pipe.hmget(JOB_KEY.format(job_id), "status", "created_at", "started_at", "finished_at")
+            pipe.hmget(JOB_KEY.format(job_id), ["status", "created_at", "started_at", "finished_at"])
         raw = await pipe.execute()
     return [{"status": s.decode() if s else None, "created": float(c), "started": float(st) if st else None,
              "finished": float(f) if f else None} for s, c, st, f in raw]
 
 
-async def wait_drained(redis: Redis, bodies: Sequence[str], timeout: float) -> list[dict[str, Any]]:
-    deadline = time.monotonic() + timeout
-    while await redis.zcard(QUEUE) and time.monotonic() < deadline:
+async def wait_drained(redis: Redis, bodies: Sequence[str], within: float) -> list[dict[str, Any]]:
+    """The jobs' timings once all have ended; polling is fine here, the timings come from the records."""
+    deadline = time.monotonic() + within
+    ended = False
+    while not ended:
         await asyncio.sleep(0.05)
-    while True:
-        times = await job_times(redis, bodies)
-        if all(t["status"] in ("succeeded", "failed", "cancelled") for t in times) or time.monotonic() > deadline:
-            failed = [t for t in times if t["status"] != "succeeded"]
-            if failed:
-                raise RuntimeError(f"{len(failed)} of {len(times)} jobs did not succeed: {failed[:3]}")
-            return times
-        await asyncio.sleep(0.05)
+        queued = await redis.zcard(QUEUE)
+        times = [] if queued else await job_times(redis, bodies)
+        ended = bool(times) and all(t["status"] in ("succeeded", "failed", "cancelled") for t in times)
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the jobs did not end within {within:g} s ({queued} still queued)")
+    failed = [t for t in times if t["status"] != "succeeded"]
+    if failed:
+        raise RuntimeError(f"{len(failed)} of {len(times)} jobs did not succeed: {failed[:3]}")
+    return times
 
 
 async def submit(bench: Bench, gateway: Service, model: str, jobs: int, concurrency: int = 16,
                  pause: float = 0.0) -> list[str]:
-    result = await bench.load.run("closed", target=bench.gateway_target(gateway, model, headers=ASYNC, status=202),
-                                  concurrency=concurrency, count=jobs, keep=True, pause=pause)
+    target = bench.gateway_target(gateway, model, headers=ASYNC, status=202)
+    result = await bench.load.run("closed", target=target, concurrency=concurrency, count=jobs, keep=True,
+                                  pause=pause)
     if result["errors"]:
         raise RuntimeError(f"async submits failed: {result['first_errors']}")
     bodies: list[str] = result["bodies"]
@@ -247,7 +255,7 @@ async def plain_push_pop(redis: Redis, jobs: int) -> float:
             pipe.lpush(key, json.dumps({"id": i, "prompt": PROMPT}))
         await pipe.execute()
     started = time.perf_counter()
-    while await redis.rpop(key) is not None:
+    while await redis.rpop(key) is not None:  # type: ignore[misc]
         pass
     return jobs / (time.perf_counter() - started)
 
@@ -276,7 +284,7 @@ async def drain(bench: Bench, gateway: Service, redis: Redis, worker_name: str) 
     before = await bench.upstream_calls()
     bodies = await submit(bench, gateway, "bench-queued", jobs, concurrency=32)
     worker = await bench.stack.start_worker(worker_name, queue=QUEUE)
-    times = await wait_drained(redis, bodies, timeout=jobs / 50)
+    times = await wait_drained(redis, bodies, within=jobs / 50)
     await bench.verify_upstream(before, jobs)
     rate = jobs / (max(t["finished"] for t in times) - min(t["started"] for t in times))
     baseline = await plain_push_pop(redis, jobs)
@@ -288,17 +296,17 @@ async def drain(bench: Bench, gateway: Service, redis: Redis, worker_name: str) 
 async def pickup(bench: Bench, gateway: Service, redis: Redis) -> None:
     count = bench.sizes.pickup_jobs
     bodies = await submit(bench, gateway, "bench-queued", count, concurrency=1, pause=0.02)
-    times = await wait_drained(redis, bodies, timeout=60)
+    times = await wait_drained(redis, bodies, within=60)
     gw = [t["started"] - t["created"] for t in times]
     base = await plain_pickup(bench.stack.redis_url, count)
-    bench.add(row("idle pickup, Redis mode, one worker", "p99 enqueue to start", "ms", ms(gw, 99), ms(base, 99),
+    bench.add(row("idle pickup, Redis, one worker", "p99 enqueue to start", "ms", ms(gw, 99), ms(base, 99),
                   Target.at_most(10, "ms")))
 
 
 async def slow_jobs(bench: Bench, gateway: Service, redis: Redis, slots: int) -> None:
     jobs = bench.sizes.slow_jobs
     bodies = await submit(bench, gateway, "bench-slow", jobs, concurrency=16)
-    times = await wait_drained(redis, bodies, timeout=jobs * 0.5 / slots * 3 + 30)
+    times = await wait_drained(redis, bodies, within=jobs * 0.5 / slots * 3 + 30)
     took = max(t["finished"] for t in times) - min(t["created"] for t in times)
     ideal = jobs * 0.5 / slots
     bench.add(row(f"queue, {jobs:,} jobs of 0.5 s, {slots} slots", "time to drain", "s", took, ideal,
@@ -327,7 +335,7 @@ def peak(pid: int) -> int:
 
 
 async def large(bench: Bench, gateway: Service) -> None:
-    params = {"size": "2048x2048", "n": 10}
+    params: dict[str, Any] = {"size": "2048x2048", "n": 10}
     gateway_target = bench.gateway_target(gateway, "bench-inline", **params)
     direct = bench.direct_target(**params)
     probe = await bench.closed(direct, 1, 1, keep=True)
@@ -347,8 +355,8 @@ async def large(bench: Bench, gateway: Service) -> None:
             base_times += result["latencies"]
         scenario = f"large answer, n=10 of 2048x2048 ({body_size / 2**20:.0f} MiB), concurrency {concurrency}"
         bench.add(
-            row(scenario, "median time to last byte", "s", percentile(gw_times, 50), percentile(base_times, 50),
-                Target.ratio_at_most(1.3)),
+            row(scenario, "median time to last byte", "s", percentile(gw_times, 50),
+                percentile(base_times, 50), Target.ratio_at_most(1.3)),
             row(scenario, "peak memory growth", "MiB", growth / 2**20, concurrency * body_size / 2**20,
                 Target.ratio_at_most(1.5)),
         )
@@ -357,8 +365,8 @@ async def large(bench: Bench, gateway: Service) -> None:
 # progress
 
 async def progress(bench: Bench, gateway: Service, plain: Service) -> None:
-    """Subscribers on the gateway's Socket.IO and on the plain WebSocket server, events published through Redis:
-    delivery latency (paced), fan-out rate (back to back) and memory per idle subscriber."""
+    """Subscribers on the gateway's Socket.IO and on the plain WebSocket server, events published through
+    Redis: delivery latency (paced), fan-out rate (back to back) and memory per idle subscriber."""
     sizes = bench.sizes
     bodies = await submit(bench, gateway, "bench-queued", sizes.progress_jobs)
     job_ids = [json.loads(b)["id"] for b in bodies]
@@ -398,6 +406,6 @@ async def progress(bench: Bench, gateway: Service, plain: Service) -> None:
         row(scenario, "events lost", "events", lost["sio"], lost["plain"], Target.at_most(0, "events")),
         row("Socket.IO fan-out, one front-end process", "events delivered", "events/s", max(rates["sio"]),
             max(rates["plain"]), Target.at_least(10_000, "events/s")),
-        row("idle subscribers, one front-end process", "memory per 1,000", "MiB", memory["sio"], memory["plain"],
-            Target.at_most(30, "MiB")),
+        row("idle subscribers, one front-end process", "memory per 1,000", "MiB", memory["sio"],
+            memory["plain"], Target.at_most(30, "MiB")),
     )

@@ -25,6 +25,7 @@ from service.constants import WAKE_CHANNEL
 
 ROOT = Path(__file__).resolve().parents[1]
 UPSTREAM_KEY_ENV = "BENCH_UPSTREAM_KEY"
+UPSTREAM_MODEL = "gpt-image-1"
 
 # public model -> (dispatch, upstream mount): all served by the real OpenAI adapter against the fake upstream
 MODELS = {
@@ -49,10 +50,13 @@ def free_port() -> int:
 
 def gateway_config(upstream_url: str) -> dict[str, object]:
     mounts = sorted({mount for _, mount in MODELS.values()})
-    providers = {f"upstream{mount.replace('/', '-')}": {"type": "openai", "base_url": upstream_url + mount,
-                                                        "api_key_env": UPSTREAM_KEY_ENV} for mount in mounts}
+    def provider(mount: str) -> str:
+        return "upstream" + mount.replace("/", "-")
+
+    providers = {provider(mount): {"type": "openai", "base_url": upstream_url + mount,
+                                   "api_key_env": UPSTREAM_KEY_ENV} for mount in mounts}
     models = {name: {"family": "generic", "dispatch": dispatch,
-                     "deployments": [{"provider": f"upstream{mount.replace('/', '-')}", "model": "gpt-image-1"}]}
+                     "deployments": [{"provider": provider(mount), "model": UPSTREAM_MODEL}]}
               for name, (dispatch, mount) in MODELS.items()}
     return {"default_model": "bench-inline", "providers": providers, "models": models}
 
@@ -81,7 +85,7 @@ class Stack:
 
     async def _spawn(self, name: str, *args: str, env: dict[str, str] | None = None, stdin: bool = False
                      ) -> Service:
-        log = open(self.workdir / f"{name}.log", "ab")  # noqa: SIM115 - the child holds it until it ends
+        log = (self.workdir / f"{name}.log").open("ab")  # noqa: ASYNC230 - a local file, opened once per process
         process = await asyncio.create_subprocess_exec(
             *args, cwd=ROOT, env=env or self._env(), stdout=asyncio.subprocess.PIPE, stderr=log,
             stdin=asyncio.subprocess.PIPE if stdin else asyncio.subprocess.DEVNULL, limit=1 << 28,
@@ -96,9 +100,9 @@ class Stack:
         env.update({UPSTREAM_KEY_ENV: "sk-bench-upstream", "PYTHONUNBUFFERED": "1"}, **extra)
         return env
 
-    async def _ready_line(self, service: Service, timeout: float = 60) -> None:
+    async def _ready_line(self, service: Service) -> None:
         assert service.process.stdout is not None
-        line = await asyncio.wait_for(service.process.stdout.readline(), timeout)
+        line = await asyncio.wait_for(service.process.stdout.readline(), 60)
         if not line.startswith(b"ready"):
             raise RuntimeError(f"{service.name} did not start; see {self.workdir / service.name}.log")
 
@@ -136,7 +140,8 @@ class Stack:
 
     async def start_plain_ws(self) -> Service:
         port = free_port()
-        service = await self._spawn("plain_ws", sys.executable, "-m", "bench.plain_ws", str(port), self.redis_url)
+        service = await self._spawn("plain_ws", sys.executable, "-m", "bench.plain_ws", str(port),
+                                    self.redis_url)
         await self._ready_line(service)
         service.url = f"http://127.0.0.1:{port}"
         return service
@@ -180,8 +185,8 @@ class Stack:
         counts = await redis.pubsub_numsub(WAKE_CHANNEL)
         return int(counts[0][1])
 
-    async def _wait_http(self, service: Service, url: str, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
+    async def _wait_http(self, service: Service, url: str) -> None:
+        deadline = time.monotonic() + 60
         async with aiohttp.ClientSession() as session:
             while True:
                 try:

@@ -130,14 +130,15 @@ class SubscriberPool:
             return await self.subscribe(command["kind"], command["url"], command.get("api_key", "bench"),
                                         command["job_ids"], command["count"])
         if op == "publish":
-            return await self.publish(command["kind"], command["redis_url"], command["job_ids"], command["events"],
-                                      command.get("interval", 0.0))
+            return await self.publish(command["kind"], command["redis_url"], command["job_ids"],
+                                      command["events"], command.get("interval", 0.0))
         if op == "unsubscribe":
             await self.close()
             return {"closed": True}
         raise ValueError(f"unknown op {op!r}")
 
-    async def subscribe(self, kind: str, url: str, api_key: str, job_ids: list[str], count: int) -> dict[str, Any]:
+    async def subscribe(self, kind: str, url: str, api_key: str, job_ids: list[str], count: int
+                        ) -> dict[str, Any]:
         await self.close()
         self.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
         cls = SocketIOSubscriber if kind == "sio" else PlainSubscriber
@@ -158,8 +159,8 @@ class SubscriberPool:
 
     async def publish(self, kind: str, redis_url: str, job_ids: list[str], events: int, interval: float
                       ) -> dict[str, Any]:
-        """Publish `events` progress events round-robin over `job_ids`, `interval` apart (0: back to back), and
-        wait for every delivery the subscribers are owed."""
+        """Publish `events` progress events round-robin over `job_ids`, `interval` apart (0: back to back),
+        and wait for every delivery the subscribers are owed."""
         self.latencies, self.received = [], 0
         expected = sum(self.per_job[job_ids[i % len(job_ids)]] for i in range(events))
         emit = await self._publisher(kind, redis_url)
@@ -178,7 +179,7 @@ class SubscriberPool:
                 except TimeoutError:
                     break
         finally:
-            await emit.close()  # type: ignore[attr-defined]
+            await emit.close()
         return {"latencies": self.latencies, "expected": expected, "received": self.received,
                 "elapsed": max(self.last_received - started, 1e-9)}
 

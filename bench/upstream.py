@@ -19,7 +19,7 @@ import io
 import json
 import random
 import sys
-from collections import Counter
+from collections.abc import Awaitable, Callable
 from functools import cache
 
 from aiohttp import web
@@ -40,7 +40,7 @@ def small_png() -> bytes:
 
 @cache
 def large_png() -> bytes:
-    """A 2048x2048 PNG of smooth noise, about 4 MB: close to what a photographic render of that size weighs."""
+    """A 2048x2048 PNG of smooth noise, about 4 MB: about what a detailed render of that size weighs."""
     rng = random.Random(2048)
     noise = Image.frombytes("RGB", (64, 64), rng.randbytes(64 * 64 * 3))
     out = io.BytesIO()
@@ -65,19 +65,20 @@ def answer(n: int, size: str) -> bytes:
     }).encode()
 
 
-CALLS = web.AppKey("calls", Counter)
+CALLS = web.AppKey("calls", dict[str, int])
 
 
-def generations(mount: str, delay: float) -> web.Handler:
+def generations(mount: str, delay: float) -> Callable[[web.Request], Awaitable[web.Response]]:
     async def handler(request: web.Request) -> web.Response:
         body = await request.json()
         if not isinstance(body, dict) or not body.get("prompt") or not body.get("model"):
-            return web.json_response({"error": {"message": "prompt and model are required",
-                                                "type": "invalid_request_error", "param": None, "code": None}},
-                                     status=400)
+            error = {"message": "prompt and model are required", "type": "invalid_request_error",
+                     "param": None, "code": None}
+            return web.json_response({"error": error}, status=400)
         if delay:
             await asyncio.sleep(delay)
-        request.app[CALLS][mount] += 1
+        calls = request.app[CALLS]
+        calls[mount] = calls.get(mount, 0) + 1
         return web.Response(body=answer(int(body.get("n") or 1), str(body.get("size") or "1024x1024")),
                             content_type="application/json")
 
@@ -85,12 +86,12 @@ def generations(mount: str, delay: float) -> web.Handler:
 
 
 async def stats(request: web.Request) -> web.Response:
-    return web.json_response(dict(request.app[CALLS]))
+    return web.json_response(request.app[CALLS])
 
 
 def create_upstream() -> web.Application:
     app = web.Application(client_max_size=64 * 1024 * 1024)
-    app[CALLS] = Counter()
+    app[CALLS] = {}
     app.router.add_post("/v1/images/generations", generations("fast", 0.0))
     app.router.add_post("/slow/v1/images/generations", generations("slow", SLOW_SECONDS))
     app.router.add_get("/stats", stats)
