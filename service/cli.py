@@ -47,8 +47,10 @@ def serve(settings: Settings) -> int:
                     "key is created with `imagegw keys create`", settings.host)
     mode = "embedded (in-memory Redis, in-process worker)" if settings.embedded else f"Redis {settings.redis_url}"
     log.info("imagegw serving on http://%s:%d, %s", settings.host, settings.port, mode)
+    # aiohttp reads a shutdown timeout of 0 as "no limit": a grace of 0 must mean "do not wait"
+    grace = settings.worker_grace or 0.001
     web.run_app(create_app(settings, config), host=settings.host, port=settings.port, print=None,
-                access_log=None, shutdown_timeout=settings.worker_grace)
+                access_log=None, shutdown_timeout=grace)
     return 0
 
 

@@ -36,7 +36,9 @@ class Settings(BaseSettings):
         0.5, gt=0, description="seconds between queue scans when no wake-up arrives (missed-notification safety net)"
     )
     job_lease: float = Field(15.0, ge=1, description="seconds after which a dead worker's job is run again")
-    worker_grace: float = Field(30.0, ge=0, description="seconds a stopping worker lets running jobs finish")
+    worker_grace: float = Field(
+        30.0, ge=0, description="seconds a stopping worker lets its jobs finish, and a front end its requests in flight"
+    )
     progress_interval: float = Field(0.2, ge=0, description="minimum seconds between two progress events of a job")
     log_level: str = "INFO"
     log_format: Literal["json", "text"] = Field("json", description="json: one object per line, for log shippers")
