@@ -37,7 +37,7 @@ class Settings(BaseSettings):
     )
     job_lease: float = Field(15.0, ge=1, description="seconds after which a dead worker's job is run again")
     worker_grace: float = Field(
-        30.0, ge=0, description="seconds a stopping worker lets its jobs finish, and a front end its requests in flight"
+        30.0, ge=0, description="seconds a stopping worker lets its jobs finish, a front end its requests"
     )
     progress_interval: float = Field(0.2, ge=0, description="minimum seconds between two progress events of a job")
     log_level: str = "INFO"
