@@ -6,6 +6,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 from functools import partial
+from typing import TYPE_CHECKING
 
 import socketio
 from aiohttp import web
@@ -44,6 +45,9 @@ from service.state import (
     STORAGE,
     STORE,
 )
+
+if TYPE_CHECKING:
+    from workers.worker import ImageWorker
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +124,22 @@ async def in_process_worker_ctx(app: web.Application) -> AsyncIterator[None]:
             worker.main_task = asyncio.create_task(worker.main())
         yield
         if worker is not None:
-            await worker.close()
+            await stop_worker(worker, settings.worker_grace)
+
+
+async def stop_worker(worker: ImageWorker, grace: float) -> None:
+    """Graceful stop of the in-process worker: take no new job, let running ones finish within `grace`,
+    cancel what is left (arq re-queues it) and close the worker's own Redis connection."""
+    worker.allow_pick_jobs = False
+    running = [task for task in worker.tasks.values() if not task.done()]
+    if running:
+        await asyncio.wait(running, timeout=grace)
+    assert worker.main_task is not None
+    leftovers = [worker.main_task, *worker.tasks.values()]
+    for task in leftovers:
+        task.cancel()
+    await asyncio.gather(*leftovers, return_exceptions=True)
+    await worker.pool.aclose()
 
 
 def create_app(settings: Settings, config: GatewayConfig | None = None) -> web.Application:

@@ -167,7 +167,8 @@ class ProgressHub:
                 if remaining <= 0:
                     return None
                 try:
-                    ended = await asyncio.wait_for(asyncio.shield(future), min(remaining, 2.0))
+                    async with asyncio.timeout(min(remaining, 2.0)):
+                        ended = await asyncio.shield(future)
                     if ended is not None:
                         return ended
                 except TimeoutError:

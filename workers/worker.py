@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -61,10 +62,10 @@ class ImageWorker(Worker):  # type: ignore[misc]
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, 2.0)
                     continue
-                try:
-                    await asyncio.wait_for(self.wake.wait(), self.poll_delay_s)
-                except TimeoutError:
-                    pass
+                # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancel that races the event
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self.poll_delay_s):
+                        await self.wake.wait()
         finally:
             for task in background:
                 task.cancel()
