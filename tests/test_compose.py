@@ -147,6 +147,7 @@ async def test_example_configs_pass_check_config(
     text = (ROOT / "deploy" / name).read_text().replace("/etc/imagegw/", f"{ROOT / 'deploy'}/")
     config = tmp_path / name
     config.write_text(text)
+    (tmp_path / "workflows").symlink_to(ROOT / "deploy" / "workflows")  # relative workflow paths resolve here
     monkeypatch.setenv("GATEWAY_API_KEY", "sk-compose-test")
     parsed, findings = await check(Settings(_env_file=None, config=config))  # type: ignore[call-arg]
     assert parsed is not None and [f for f in findings if f.level == "error"] == []
