@@ -9,7 +9,6 @@ import time
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
-
 from redis.exceptions import RedisError
 
 from service.errors import (

@@ -211,7 +211,8 @@ def _check_option(param: str, value: str | None, allowed: frozenset[str], model:
     if value is None:
         return
     if not allowed:
-        raise InvalidRequest(f"'{param}' is not supported by model '{model}'.", param=param, code="unsupported_parameter")
+        raise InvalidRequest(f"'{param}' is not supported by model '{model}'.", param=param,
+                             code="unsupported_parameter")
     if value not in allowed:
         raise InvalidRequest(
             f"Invalid value for '{param}': '{value}' is not supported by model '{model}'; "

@@ -58,7 +58,7 @@ class JobEventManager(socketio.AsyncRedisManager):  # type: ignore[misc]
         if self.hub is not None and message.get("namespace") == PROGRESS_NAMESPACE and isinstance(room, str):
             job_id = room.removeprefix(JOB_ROOM.format(""))
             data = message["data"][0] if isinstance(message.get("data"), list) else message.get("data")
-            await self.hub.deliver(job_id, message["event"], data)
+            await self.hub.deliver(job_id, message["event"], data if isinstance(data, dict) else {})
             return
         if not self.write_only:
             await super()._handle_emit(message)
@@ -67,14 +67,15 @@ class JobEventManager(socketio.AsyncRedisManager):  # type: ignore[misc]
         """Wait until the listener is subscribed, so no event published after start-up is missed."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        while not (self.pubsub is not None and self.pubsub.subscribed) and loop.time() < deadline:
+        # redis-py's pubsub offers no "subscribed" event to wait on; this polls only during start-up
+        while not (self.pubsub is not None and self.pubsub.subscribed) and loop.time() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(0.005)
 
     async def close(self) -> None:
         if getattr(self, "thread", None) is not None:
             self.thread.cancel()
         if self.pubsub is not None:
-            await self.pubsub.aclose()
+            await self.pubsub.aclose()  # type: ignore[no-untyped-call]  # redis-py leaves it unannotated
         if self.redis is not None:
             await self.redis.aclose()
 

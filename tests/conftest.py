@@ -23,8 +23,8 @@ from aiohttp import web
 from arq.constants import in_progress_key_prefix
 
 from service.app import create_app
-from service.state import REDIS
 from service.settings import LOCAL_MODELS, GatewayConfig, Settings
+from service.state import REDIS
 
 ROOT = Path(__file__).resolve().parents[1]
 SEEDS = ROOT.parent / "shared" / "seeds"

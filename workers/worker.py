@@ -26,7 +26,7 @@ from workers.webhooks import MAX_DELIVERY_RUNS, deliver_webhook
 
 log = logging.getLogger(__name__)
 
-class ImageWorker(Worker):  # type: ignore[misc]
+class ImageWorker(Worker):
     """arq's worker with its sleep between queue scans replaced by a wait on a Redis wake-up channel.
 
     Stock arq scans the queue every `poll_delay` (0.5 s by default): a job waits for the next scan. Here the
@@ -153,4 +153,5 @@ async def serve_worker(settings: Settings) -> None:
     config = load_config(settings.config)
     async with running_worker(settings, config, RedisFactory(settings), handle_signals=True) as worker:
         log.info("worker started on queue %s", settings.queue_name)
+        assert worker.main_task is not None
         await asyncio.wait([worker.main_task])  # ends when a signal stops the loop

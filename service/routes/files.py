@@ -7,8 +7,8 @@ from aiohttp import web
 from service.errors import NotFound, PermissionDenied
 from service.openapi import IMAGE_TYPES, Media, api
 from service.schemas import FileQuery
-from service.storage import RESULT_PATTERN, LocalStorage, content_type
 from service.state import DISPATCHER, KEYS, STORAGE
+from service.storage import RESULT_PATTERN, LocalStorage, content_type
 
 
 @api("Download a result image", tags="Files", responses={200: Media(IMAGE_TYPES)}, errors=(401, 403, 404),

@@ -10,7 +10,6 @@ from service.routes.responses import model_response
 from service.schemas import Job
 from service.state import DISPATCHER, STORAGE, principal
 
-
 JOB_ID = {"job_id": "The id from the 202 answer (or the `Location` header)."}
 
 

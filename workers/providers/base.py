@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import builtins
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
@@ -107,7 +108,8 @@ class Provider(ABC):
 
     One instance per provider account in the config, created at worker start-up with the worker's shared
     HTTP session. `generate` receives an `ImageRequest` (the validated `ImageSpec`, whose `operation` is
-    generate, edit or variation, plus the input images of an edit), the deployment to use and a progress reporter, and returns the images plus usage. It raises the gateway's
+    generate, edit or variation, plus the input images of an edit), the deployment to use and a progress
+    reporter, and returns the images plus usage. It raises the gateway's
     errors: `UpstreamRejected` for a request the upstream refused (never retried), `UpstreamError` /
     `UpstreamTimeout` for failures worth retrying elsewhere (set `retry_after` when the upstream said so).
     What each provider type can do (edit, variation, streaming, progress) is data in
@@ -117,7 +119,7 @@ class Provider(ABC):
     """
 
     type: ClassVar[str]
-    Options: ClassVar[type[ProviderOptions]] = ProviderOptions
+    Options: ClassVar[builtins.type[ProviderOptions]] = ProviderOptions  # `type` is shadowed just above
     # one call runs a whole workflow that may take hours: unless the config sets a `timeout` for it, only the
     # model's timeout bounds it (not the provider's default per-call timeout)
     long_running: ClassVar[bool] = False
@@ -139,7 +141,7 @@ class Provider(ABC):
                        ) -> ProviderResult:
         ...
 
-    async def close(self) -> None:
+    async def close(self) -> None:  # noqa: B027 - an optional hook: most providers hold nothing of their own
         """Release what the provider holds beyond the shared HTTP session."""
 
 
