@@ -44,6 +44,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator
 
 from service.errors import UpstreamRejected
+from workers.imaging import image_size
 from workers.providers.base import (
     Deployment,
     GeneratedImage,
@@ -58,10 +59,10 @@ from workers.providers.base import (
 )
 from workers.providers.translation import (
     MASK_INSTRUCTION,
+    CallResult,
     add_usage,
     calls_for,
     fan_out,
-    image_size,
     nearest_aspect_ratio,
     parse_ratio,
     refuse_parameters,
@@ -146,12 +147,6 @@ class GeminiOptions(ProviderOptions):
         for ratio in ratios or []:
             parse_ratio(ratio)
         return ratios
-
-
-@dataclass
-class CallResult:
-    images: list[GeneratedImage]
-    usage: dict[str, Any] | None
 
 
 class GeminiProvider(Provider):

@@ -26,12 +26,12 @@ How the gateway's request reaches OpenRouter:
 from __future__ import annotations
 
 import base64
-from dataclasses import dataclass
 from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
 from service.errors import GatewayError
+from workers.imaging import image_size
 from workers.providers.base import (
     Deployment,
     GeneratedImage,
@@ -45,10 +45,10 @@ from workers.providers.base import (
 )
 from workers.providers.translation import (
     MASK_INSTRUCTION,
+    CallResult,
     add_usage,
     calls_for,
     fan_out,
-    image_size,
     nearest_aspect_ratio,
     parse_ratio,
     refuse_parameters,
@@ -102,12 +102,6 @@ class OpenRouterOptions(ProviderOptions):
         for ratio in ratios:
             parse_ratio(ratio)
         return ratios
-
-
-@dataclass
-class CallResult:
-    images: list[GeneratedImage]
-    usage: dict[str, Any] | None
 
 
 class OpenRouterProvider(Provider):

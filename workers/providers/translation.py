@@ -4,15 +4,14 @@ nearest supported aspect ratio, `n` fanned out over parallel calls, usage of tho
 from __future__ import annotations
 
 import asyncio
-import io
 import math
 from collections.abc import Callable, Coroutine, Mapping
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from PIL import Image, UnidentifiedImageError
-
-from service.errors import UpstreamError, UpstreamRejected
+from service.errors import UpstreamRejected
 from service.schemas import ImageSpec
+from workers.providers.base import GeneratedImage
 
 T = TypeVar("T")
 
@@ -86,10 +85,9 @@ def add_usage(usages: list[dict[str, Any]]) -> dict[str, Any] | None:
     return total or None
 
 
-def image_size(data: bytes) -> str:
-    """`WIDTHxHEIGHT` of an encoded image (only its header is read)."""
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            return f"{image.width}x{image.height}"
-    except (UnidentifiedImageError, OSError):
-        raise UpstreamError("the upstream returned an unreadable image", code="bad_upstream_image") from None
+@dataclass
+class CallResult:
+    """What one upstream call of a fanned-out request produced."""
+
+    images: list[GeneratedImage]
+    usage: dict[str, Any] | None
