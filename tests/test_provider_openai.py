@@ -1,10 +1,11 @@
 """The OpenAI adapter against the fake OpenAI server: exact outbound requests, answers, and error mapping;
-then the official SDK through the gateway to the fake, in both response formats."""
+then the official SDK through the gateway to the fake, in both response formats and streamed."""
 
 from __future__ import annotations
 
 import base64
 import io
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -29,12 +30,15 @@ PNG = base64.b64decode(
 class Progress:
     def __init__(self) -> None:
         self.stages: list[str] = []
+        self.partials: list[tuple[bytes, str]] = []
+        self.relayed_at: list[float] = []
 
     async def update(self, fraction: float, stage: str) -> None:
         self.stages.append(stage)
 
     async def partial_image(self, image: bytes, fmt: str) -> None:
-        raise AssertionError("the OpenAI adapter sends no partial images")
+        self.partials.append((image, fmt))
+        self.relayed_at.append(time.monotonic())
 
 
 def openai_config(fake: FakeOpenAI, *models: str, options: dict[str, Any] | None = None,
@@ -62,14 +66,15 @@ async def fake() -> AsyncIterator[FakeOpenAI]:
 
 
 async def run(http: aiohttp.ClientSession, config: GatewayConfig, spec: ImageSpec,
-              images: list[InputImage] | None = None, mask: InputImage | None = None) -> ProviderResult:
+              images: list[InputImage] | None = None, mask: InputImage | None = None,
+              progress: Progress | None = None) -> ProviderResult:
     """The adapter alone, on the deployment the router resolved from `config`."""
     router = Router(config, http)
     provider = router.providers["oa"]
     assert isinstance(provider, OpenAIProvider)
     deployment = router.deployments[spec.model][0]
     request = ImageRequest(spec=spec, images=images or [], mask=mask)
-    return await provider.generate(request, deployment, Progress())
+    return await provider.generate(request, deployment, progress or Progress())
 
 
 def json_headers(call_headers: dict[str, str]) -> dict[str, str]:
@@ -293,6 +298,89 @@ async def test_downloads_are_capped(fake: FakeOpenAI, http: aiohttp.ClientSessio
     assert caught.value.code == "upstream_answer_too_large"
 
 
+# ---- streaming ---------------------------------------------------------------------------------------------
+
+async def test_streamed_generation_relays_each_partial_image_as_it_arrives(fake: FakeOpenAI,
+                                                                           http: aiohttp.ClientSession) -> None:
+    fake.event_delay = 0.05
+    spec = ImageSpec(model="gpt-image-1", prompt="a red fox", size="1024x1024", quality="low",
+                     output_format="webp", partial_images=2, stream=True)
+    progress = Progress()
+    result = await run(http, openai_config(fake, "gpt-image-1"), spec, progress=progress)
+
+    [call] = fake.calls
+    assert call.json == {"model": "gpt-image-1", "prompt": "a red fox", "n": 1, "size": "1024x1024",
+                         "quality": "low", "output_format": "webp", "stream": True, "partial_images": 2}
+    assert progress.partials == [(partial, "webp") for partial in fake.partials] and len(fake.partials) == 2
+    sent = dict(fake.sent)
+    assert [event for event, _ in fake.sent] == ["image_generation.partial_image"] * 2 + [
+        "image_generation.completed"]
+    # relayed while the upstream was still working, not after the stream ended
+    assert all(at < sent["image_generation.completed"] for at in progress.relayed_at)
+    assert [(image.data, image.format) for image in result.images] == [(fake.images[0], "webp")]
+    assert result.usage == {"input_tokens": 3, "output_tokens": 272, "total_tokens": 275,
+                            "input_tokens_details": {"image_tokens": 0, "text_tokens": 3}}
+    assert (result.size, result.quality, result.background) == ("1024x1024", "low", "opaque")
+
+
+async def test_streamed_edit_is_multipart_with_stream_fields(fake: FakeOpenAI,
+                                                             http: aiohttp.ClientSession) -> None:
+    spec = ImageSpec(operation="edit", model="gpt-image-1", prompt="add a hat", size="1024x1024", n=2,
+                     partial_images=1, stream=True)
+    progress = Progress()
+    result = await run(http, openai_config(fake, "gpt-image-1"), spec, [InputImage(PNG, "png")],
+                       progress=progress)
+
+    [call] = fake.calls
+    assert call.form == [("model", "gpt-image-1"), ("prompt", "add a hat"), ("n", "2"), ("size", "1024x1024"),
+                         ("output_format", "png"), ("stream", "true"), ("partial_images", "1"),
+                         ("image", FilePart("image-0.png", "image/png", PNG))]
+    assert [event for event, _ in fake.sent] == ["image_edit.partial_image", "image_edit.completed"] * 2
+    assert progress.partials == [(partial, "png") for partial in fake.partials]
+    assert [image.data for image in result.images] == fake.images
+    # the prompt and input image count once, each image's output tokens add up
+    assert result.usage == {"input_tokens": 68, "output_tokens": 544, "total_tokens": 612,
+                            "input_tokens_details": {"image_tokens": 65, "text_tokens": 3}}
+
+
+async def test_an_error_event_maps_like_an_error_answer(fake: FakeOpenAI, http: aiohttp.ClientSession) -> None:
+    fake.fail_stream(ERROR_BODIES[400]["error"])
+    fake.fail_stream({"message": "The server had an error.", "type": "server_error", "param": None,
+                      "code": "server_error"})
+    spec = ImageSpec(model="gpt-image-1", prompt="x", size="auto", partial_images=1, stream=True)
+    progress = Progress()
+    with pytest.raises(UpstreamRejected) as rejected:
+        await run(http, openai_config(fake, "gpt-image-1"), spec, progress=progress)
+    assert (rejected.value.status, rejected.value.code, rejected.value.param) == (
+        400, "content_policy_violation", "prompt")
+    assert rejected.value.message == (f"{LABEL} rejected the request: HTTP 200: {SAFETY} "
+                                      "[content_policy_violation]")
+    assert len(progress.partials) == 1  # relayed before the error came
+    with pytest.raises(UpstreamError) as failed:
+        await run(http, openai_config(fake, "gpt-image-1"), spec)
+    assert type(failed.value) is UpstreamError and failed.value.status == 502
+    assert [event for event, _ in fake.sent] == ["image_generation.partial_image", "error"] * 2
+
+
+async def test_a_refused_stream_answers_in_json(fake: FakeOpenAI, http: aiohttp.ClientSession) -> None:
+    fake.fail(429, headers={"Retry-After": "3"})
+    spec = ImageSpec(model="gpt-image-1", prompt="x", size="auto", partial_images=1, stream=True)
+    with pytest.raises(UpstreamError) as caught:
+        await run(http, openai_config(fake, "gpt-image-1"), spec)
+    assert (caught.value.code, caught.value.retry_after) == ("upstream_rate_limited", 3.0)
+
+
+async def test_models_without_streaming_are_called_without_it(fake: FakeOpenAI,
+                                                              http: aiohttp.ClientSession) -> None:
+    spec = ImageSpec(model="dall-e-3", prompt="a lighthouse", size="1024x1024", partial_images=2,
+                     response_format="b64_json")
+    progress = Progress()
+    result = await run(http, openai_config(fake, "dall-e-3"), spec, progress=progress)
+    [call] = fake.calls
+    assert call.json is not None and "stream" not in call.json and "partial_images" not in call.json
+    assert progress.partials == [] and [image.data for image in result.images] == fake.images
+
+
 # ---- the official SDK, through the gateway, to the fake --------------------------------------------------
 
 async def test_sdk_through_gateway_b64_and_url(fake: FakeOpenAI, gateway_factory: GatewayFactory,
@@ -362,3 +450,21 @@ async def test_sdk_edit_and_variation_through_gateway(fake: FakeOpenAI,
     assert variation.form == [("model", "dall-e-2"), ("n", "2"), ("size", "256x256"),
                               ("response_format", "b64_json"),
                               ("image", FilePart("image-0.png", "image/png", first))]
+
+
+async def test_sdk_streams_through_gateway(fake: FakeOpenAI, gateway_factory: GatewayFactory) -> None:
+    gateway = await gateway_factory(config=openai_config(fake, "gpt-image-1"))
+    stream = await gateway.client().images.generate(model="gpt-image-1", prompt="a harbour", size="1024x1024",
+                                                    stream=True, partial_images=2)
+    events = [event async for event in stream]
+
+    assert [event.type for event in events] == ["image_generation.partial_image"] * 2 + [
+        "image_generation.completed"]
+    [call] = fake.image_calls
+    assert call.json == {"model": "gpt-image-1", "prompt": "a harbour", "n": 1, "size": "1024x1024",
+                         "output_format": "png", "stream": True, "partial_images": 2}
+    partials, final = events[:2], events[2]
+    assert [base64.b64decode(event.b64_json) for event in partials] == fake.partials
+    assert [event.partial_image_index for event in partials] == [0, 1]
+    assert base64.b64decode(final.b64_json) == fake.images[0]
+    assert final.usage.output_tokens == 272 and final.size == "1024x1024"

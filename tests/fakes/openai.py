@@ -11,6 +11,11 @@ OpenAI REST reference for deployment URLs:
   ``output_format``; they refuse ``response_format`` like the real API. DALL·E models answer ``url`` by
   default (a link to ``GET /files/...`` on this server, no auth, like OpenAI's signed blob links) or
   ``b64_json``, and DALL·E 3 adds a ``revised_prompt``.
+* ``"stream": true`` (GPT Image generations and edits; ``"true"`` in a multipart edit) answers
+  ``text/event-stream``: for each image ``partial_images`` ``image_generation.partial_image`` (or
+  ``image_edit.partial_image``) events, then its ``*.completed`` event with its usage, ``event_delay`` seconds
+  apart; ``fail_stream(error)`` ends the next stream with an ``error`` event after its partial images.
+  Partial images are kept in ``partials``, each sent event's type and time in ``sent``.
 * Errors use OpenAI's body ``{"error": {"message", "type", "param", "code"}}`` (Azure's own shape for a bad
   key). Failures are scripted for the next calls: ``fail(status)``, ``delay(seconds)``, ``reset()``.
 
@@ -119,6 +124,10 @@ class FakeOpenAI:
         self.api_key = api_key
         self.calls: list[Call] = []
         self.images: list[bytes] = []  # every image handed out, in order
+        self.partials: list[bytes] = []  # every partial image streamed, in order
+        self.sent: list[tuple[str, float]] = []  # (event type, time) of every streamed event
+        self.event_delay = 0.0
+        self.stream_errors: deque[dict[str, Any]] = deque()
         self.files: dict[str, bytes] = {}
         self.script: deque[Scripted] = deque()
         self.active = 0  # image requests being answered right now
@@ -167,6 +176,10 @@ class FakeOpenAI:
     def delay(self, seconds: float, *, times: int = 1) -> None:
         for _ in range(times):
             self.script.append(Scripted(delay=seconds))
+
+    def fail_stream(self, error: dict[str, Any]) -> None:
+        """The next stream ends with an `error` event carrying `error` instead of its completed images."""
+        self.stream_errors.append(error)
 
     def reset(self, *, times: int = 1) -> None:
         """The next `times` calls get their connection reset instead of an answer."""
@@ -240,7 +253,7 @@ class FakeOpenAI:
         body = self._body(call)
         if isinstance(body, web.Response):
             return body
-        return self._answer(request.match_info["operation"], str(body.get("model") or "dall-e-2"), body)
+        return await self._reply(request, str(body.get("model") or "dall-e-2"), body)
 
     async def _azure_images(self, request: web.Request) -> web.StreamResponse:
         call = await self._record(request)
@@ -254,7 +267,7 @@ class FakeOpenAI:
         body = self._body(call)
         if isinstance(body, web.Response):
             return body
-        return self._answer(request.match_info["operation"], request.match_info["deployment"], body)
+        return await self._reply(request, request.match_info["deployment"], body)
 
     async def file(self, request: web.Request) -> web.StreamResponse:
         await self._record(request)
@@ -269,12 +282,57 @@ class FakeOpenAI:
         if call.form is not None:
             body: dict[str, Any] = call.fields()
             body["images"] = [f for name, f in call.files() if name in ("image", "image[]")]
-            if "n" in body:
-                body["n"] = int(body["n"])
+            for name in ("n", "partial_images"):
+                if name in body:
+                    body[name] = int(body[name])
+            if "stream" in body:
+                body["stream"] = body["stream"] == "true"
             return body
         return error(400, "We could not parse the JSON body of your request.", code="invalid_json")
 
-    def _answer(self, operation: str, model: str, body: dict[str, Any]) -> web.Response:
+    async def _reply(self, request: web.Request, model: str, body: dict[str, Any]) -> web.StreamResponse:
+        operation = request.match_info["operation"]
+        answer = self._answer(operation, model, body)
+        if isinstance(answer, web.Response):
+            return answer
+        if body.get("stream") is True:
+            return await self._stream(request, operation, body, answer)
+        return web.json_response(answer)
+
+    async def _stream(self, request: web.Request, operation: str, body: dict[str, Any], answer: dict[str, Any]
+                      ) -> web.StreamResponse:
+        prefix = "image_generation" if operation == "generations" else "image_edit"
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        await response.prepare(request)
+        common = {key: answer[key] for key in ("size", "quality", "background", "output_format")}
+        error = self.stream_errors.popleft() if self.stream_errors else None
+        prompt = str(body.get("prompt", ""))
+        for item in answer["data"]:
+            for index in range(int(body.get("partial_images") or 0)):
+                partial = self._picture(f"{prompt}\0partial{len(self.partials)}", answer["output_format"])
+                self.partials.append(partial)
+                await self._send(response, f"{prefix}.partial_image", {
+                    "b64_json": _b64(partial), "partial_image_index": index, "created_at": answer["created"],
+                    **common})
+            if error is not None:
+                await self._send(response, "error", {"error": error})
+                return response
+            # each image counts its own tokens; the prompt (and input images) only once
+            usage = answer["usage"] if item is answer["data"][0] else {
+                **answer["usage"], "input_tokens": 0, "input_tokens_details": {"image_tokens": 0, "text_tokens": 0}}
+            usage = {**usage, "output_tokens": 272, "total_tokens": usage["input_tokens"] + 272}
+            await self._send(response, f"{prefix}.completed", {
+                "b64_json": item["b64_json"], "created_at": answer["created"], "usage": usage, **common})
+        await response.write_eof()
+        return response
+
+    async def _send(self, response: web.StreamResponse, event: str, data: dict[str, Any]) -> None:
+        await asyncio.sleep(self.event_delay)
+        self.sent.append((event, time.monotonic()))
+        payload = json.dumps({"type": event, **data})
+        await response.write(f"event: {event}\ndata: {payload}\n\n".encode())
+
+    def _answer(self, operation: str, model: str, body: dict[str, Any]) -> web.Response | dict[str, Any]:
         kind = _kind(model)
         if operation not in ("generations", "edits", "variations"):
             return error(404, f"Invalid URL (POST /v1/images/{operation})")
@@ -286,6 +344,9 @@ class FakeOpenAI:
         if operation != "generations" and not body.get("images"):
             return error(400, "Missing required parameter: 'image'.", param="image",
                          code="missing_required_parameter")
+        if body.get("stream") and (kind != "gpt-image" or operation == "variations"):
+            return error(400, "Streaming is not supported for this model.", param="stream",
+                         code="unsupported_value")
         if kind == "gpt-image" and "response_format" in body:
             return error(400, "Unknown parameter: 'response_format'.", param="response_format",
                          code="unknown_parameter")
@@ -318,16 +379,20 @@ class FakeOpenAI:
                     item["revised_prompt"] = f"A detailed rendering of {body.get('prompt')}"
                 items.append(item)
             answer["data"] = items
-        return web.json_response(answer)
+        return answer
 
     def _image(self, prompt: str, fmt: str) -> bytes:
-        digest = hashlib.sha256(f"{prompt}\0{len(self.images)}".encode()).digest()
+        data = self._picture(f"{prompt}\0{len(self.images)}", fmt)
+        self.images.append(data)
+        return data
+
+    @staticmethod
+    def _picture(seed: str, fmt: str) -> bytes:
+        digest = hashlib.sha256(seed.encode()).digest()
         image = Image.new("RGB", IMAGE_SIZE, tuple(digest[:3]))
         out = io.BytesIO()
         image.save(out, {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}[fmt])
-        data = out.getvalue()
-        self.images.append(data)
-        return data
+        return out.getvalue()
 
 
 def _b64(data: bytes) -> str:

@@ -18,14 +18,28 @@ Which request fields an upstream model takes is data (MODEL_PARAMS). GPT Image m
 base64; DALL·E models are asked for the client's `response_format`, and `url` results are downloaded here
 (streamed, capped), so the gateway re-serves every image from its own storage in whichever form the client
 wants. n above a model's per-call maximum (DALL·E 3: 1) fans out into parallel calls.
+
+Streaming (the 2025 revision, GPT Image models only): with `partial_images` > 0 the call adds
+`"stream": true, "partial_images": N` and the answer is server-sent events, relayed as they arrive:
+
+    event: image_generation.partial_image   (image_edit.partial_image)
+    data: {"type", "b64_json", "partial_image_index", "output_format", "size", "quality", "background", ...}
+    event: image_generation.completed       (image_edit.completed), one per image
+    data: {"type", "b64_json", "usage", "size", "quality", "background", "output_format", "created_at"}
+    event: error
+    data: {"type": "error", "error": {"message", "type", "param", "code"}}
 """
 
 from __future__ import annotations
 
+import json
+from collections.abc import AsyncGenerator
+from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import aiohttp
+from aiohttp.http_exceptions import LineTooLong
 from pydantic import Field
 
 from service.schemas import ImageSpec
@@ -47,13 +61,15 @@ from workers.providers.images_api import (
     ErrorRule,
     download_image,
     raise_for_status,
+    upstream_error,
 )
 from workers.providers.translation import add_usage, calls_for, fan_out
-from workers.providers.upstream_client import JsonAnswer, UpstreamClient
+from workers.providers.upstream_client import MAX_ANSWER_BYTES, JsonAnswer, UpstreamClient
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 AZURE_API_VERSION = "2025-04-01-preview"
 ENDPOINTS = {"generate": "generations", "edit": "edits", "variation": "variations"}
+STREAM_EVENTS = {"generate": "image_generation", "edit": "image_edit"}  # the prefix of the SSE event types
 
 # OpenAI's error codes, first match wins; others fall back to the HTTP status.
 OPENAI_ERRORS: tuple[ErrorRule, ...] = (
@@ -69,13 +85,14 @@ ModelKind = Literal["dall-e-2", "dall-e-3", "gpt-image"]
 
 @dataclass(frozen=True)
 class ModelParams:
-    """The ImageSpec fields an upstream model takes on each endpoint (empty: it has no such endpoint) and how
-    many images one call may ask for."""
+    """The ImageSpec fields an upstream model takes on each endpoint (empty: it has no such endpoint), how
+    many images one call may ask for, and whether its generations and edits stream partial images."""
 
     generate: tuple[str, ...]
     edit: tuple[str, ...] = ()
     variation: tuple[str, ...] = ()
     max_n: int = 10
+    streams: bool = False
 
     def fields(self, operation: str) -> tuple[str, ...]:
         fields: tuple[str, ...] = getattr(self, operation)
@@ -90,7 +107,7 @@ MODEL_PARAMS: dict[ModelKind, ModelParams] = {
     "dall-e-3": ModelParams(generate=("prompt", "n", "size", "quality", "style", "response_format", "user"),
                             max_n=1),
     "gpt-image": ModelParams(generate=(*_GPT_IMAGE, "moderation", "user"),
-                             edit=(*_GPT_IMAGE, "input_fidelity", "user")),
+                             edit=(*_GPT_IMAGE, "input_fidelity", "user"), streams=True),
 }
 
 
@@ -123,7 +140,7 @@ def multipart(fields: dict[str, Any], images: list[InputImage], mask: InputImage
     then `mask`."""
     form = aiohttp.FormData()
     for name, value in fields.items():
-        form.add_field(name, str(value))
+        form.add_field(name, json.dumps(value) if isinstance(value, bool) else str(value))  # `stream`: true
     image_field = "image" if len(images) == 1 else "image[]"
     for index, image in enumerate(images):
         form.add_field(image_field, image.data, filename=f"image-{index}.{image.format}",
@@ -160,11 +177,18 @@ class OpenAIProvider(Provider):
             raise reject_operation(spec, f"{self.type} model '{deployment.upstream_model}'")
         client = UpstreamClient(self.http, self.type, deployment)
         url, headers = self._endpoint(deployment, options, ENDPOINTS[spec.operation])
+        streaming = spec.partial_images > 0 and params.streams and spec.operation in STREAM_EVENTS
 
         async def call(_index: int, n: int) -> tuple[list[GeneratedImage], dict[str, Any]]:
             body = request_fields(spec, fields, n)
             if options.api_style == "openai":
                 body = {"model": deployment.upstream_model, **body}
+            if streaming:
+                body.update(stream=True, partial_images=spec.partial_images)
+                payload: dict[str, Any] = (
+                    {"json": body} if spec.operation == "generate"
+                    else {"data": multipart(body, request.images, request.mask)})
+                return await self._stream(client, url, headers, payload, options, progress)
             if spec.operation == "generate":
                 answer = await client.post_json(url, body, headers)
             else:
@@ -221,3 +245,100 @@ class OpenAIProvider(Provider):
                 raise client.failure("failed", "an image has neither b64_json nor url",
                                      code="bad_upstream_answer")
         return images
+
+    async def _stream(self, client: UpstreamClient, url: str, headers: dict[str, str], payload: dict[str, Any],
+                      options: OpenAIOptions, progress: ProgressReporter
+                      ) -> tuple[list[GeneratedImage], dict[str, Any]]:
+        """One streamed call: its partial images relayed as they arrive, its completed images returned with
+        an answer body shaped like the non-streamed one (usage, size, quality, background)."""
+        timeout = aiohttp.ClientTimeout(total=client.deployment.timeout)
+        try:
+            async with client.http.post(url, headers=headers, timeout=timeout, **payload) as resp:
+                if resp.content_type != "text/event-stream":  # an error, answered in JSON as without `stream`
+                    async with aclosing(self._lines(client, resp)) as lines:
+                        raw = b"".join([line async for line in lines])
+                    try:
+                        body = json.loads(raw)
+                    except ValueError:
+                        body = None
+                    answer = JsonAnswer(resp.status, resp.headers, body, raw.decode("utf-8", "replace"))
+                    return await self._images(client, answer, options), answer.body
+                return await self._events(client, resp, progress)
+        except TimeoutError:
+            raise client.failure("timeout", f"no answer within {client.deployment.timeout:g} s") from None
+        except aiohttp.ClientError as exc:
+            raise client.failure("failed", f"could not be reached ({type(exc).__name__}: {exc})",
+                                 code="upstream_unreachable") from None
+
+    async def _events(self, client: UpstreamClient, resp: aiohttp.ClientResponse, progress: ProgressReporter
+                      ) -> tuple[list[GeneratedImage], dict[str, Any]]:
+        images: list[GeneratedImage] = []
+        completed: list[dict[str, Any]] = []
+        event, data = "", []
+        async with aclosing(self._lines(client, resp)) as lines:
+            async for raw in lines:
+                line = raw.decode("utf-8", "replace").rstrip("\r\n")
+                if line.startswith(":"):  # an SSE comment (keep-alive)
+                    continue
+                name, _, value = line.partition(":")
+                if name:
+                    value = value.removeprefix(" ")
+                    if name == "event":
+                        event = value
+                    elif name == "data":
+                        data.append(value)
+                    continue
+                if data:  # a blank line ends an event
+                    image = await self._event(client, resp.status, event, "\n".join(data), progress)
+                    if image is not None:
+                        images.append(image[0])
+                        completed.append(image[1])
+                event, data = "", []
+        if not images:
+            raise client.failure("failed", "the event stream ended before an image was completed",
+                                 code="bad_upstream_answer")
+        usages = [body["usage"] for body in completed if isinstance(body.get("usage"), dict)]
+        first = completed[0]
+        return images, {"usage": add_usage(usages), "size": first.get("size"), "quality": first.get("quality"),
+                        "background": first.get("background")}
+
+    async def _event(self, client: UpstreamClient, status: int, event: str, data: str,
+                     progress: ProgressReporter) -> tuple[GeneratedImage, dict[str, Any]] | None:
+        """Relay a partial image; a completed image and its event, returned; an error event, raised."""
+        try:
+            body = json.loads(data)
+        except ValueError:
+            body = None
+        if not isinstance(body, dict):
+            raise client.failure("failed", f"an event is not a JSON object: {data[:200]!r}",
+                                 code="bad_upstream_answer")
+        kind = str(body.get("type") or event)
+        if kind == "error" or event == "error":
+            error = body.get("error")
+            raise upstream_error(client, OPENAI_ERRORS, status, error if isinstance(error, dict) else body)
+        if not kind.endswith((".partial_image", ".completed")):
+            return None  # an event type this adapter does not know yet
+        if not isinstance(body.get("b64_json"), str):
+            raise client.failure("failed", f"a {kind} event has no b64_json", code="bad_upstream_answer")
+        image = decode_b64_image(body["b64_json"])
+        if kind.endswith(".partial_image"):
+            await progress.partial_image(image.data, image.format)
+            return None
+        return image, body
+
+    @staticmethod
+    async def _lines(client: UpstreamClient, resp: aiohttp.ClientResponse) -> AsyncGenerator[bytes, None]:
+        """The answer's lines as they arrive, refused once they add up to more than the answer cap."""
+        size = 0
+        while True:
+            try:
+                line = await resp.content.readline(max_line_length=MAX_ANSWER_BYTES)
+            except LineTooLong:
+                line, size = b"", MAX_ANSWER_BYTES + 1
+            size += len(line)
+            if size > MAX_ANSWER_BYTES:
+                raise client.failure("failed", f"the answer is larger than {MAX_ANSWER_BYTES} bytes",
+                                     status=resp.status, code="upstream_answer_too_large")
+            if not line:
+                return
+            yield line
