@@ -25,6 +25,8 @@ log = logging.getLogger(__name__)
 # escape the root; only result images (index names) are served to clients
 NAME_PATTERN = re.compile(r"^[0-9a-f]{32}/(?:[0-9]{1,3}|input-[0-9]{1,2}|mask)\.(png|jpeg|webp)$")
 RESULT_PATTERN = re.compile(r"^[0-9a-f]{32}/[0-9]{1,3}\.(png|jpeg|webp)$")
+# Files up to this size are read and written on the event loop: a thread hop costs more than the I/O itself
+INLINE_IO_BYTES = 256 * 1024
 CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 # a Unix time in ASCII digits: str.isdigit() also accepts "²" or a number too long for int()
 EXPIRES_PATTERN = re.compile(r"^[0-9]{1,12}$")
@@ -99,7 +101,10 @@ class LocalStorage:
         return self.root / name
 
     async def put(self, name: str, data: bytes) -> None:
-        await asyncio.to_thread(self._write, self._path(name), data)
+        if len(data) <= INLINE_IO_BYTES:
+            self._write(self._path(name), data)
+        else:
+            await asyncio.to_thread(self._write, self._path(name), data)
 
     @staticmethod
     def _write(path: Path, data: bytes) -> None:
@@ -111,6 +116,8 @@ class LocalStorage:
     async def get(self, name: str) -> bytes | None:
         path = self._path(name)
         try:
+            if path.stat().st_size <= INLINE_IO_BYTES:
+                return path.read_bytes()
             return await asyncio.to_thread(path.read_bytes)
         except FileNotFoundError:
             return None
