@@ -8,7 +8,6 @@ A subclass adds its routes in `routes()` and draws pictures with `draw()`. Every
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import io
 import itertools
@@ -16,11 +15,12 @@ import json
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 from aiohttp import web
 from PIL import Image, ImageDraw
+
+from tests.fakes.server import LoopbackServer
 
 
 @dataclass
@@ -60,40 +60,19 @@ def color_for(*parts: object) -> tuple[int, int, int]:
     return digest[0], digest[1], digest[2]
 
 
-class FakeImagesAPI:
+class FakeImagesAPI(LoopbackServer):
     """`async with Fake() as fake:` then point a provider at `fake.url`."""
 
     def __init__(self) -> None:
         self.calls: list[Call] = []
         self.files: dict[str, bytes] = {}
         self.script: deque[Failure] = deque()
-        self.port = 0
         self._counter = itertools.count()
-        self._runner: web.AppRunner | None = None
-        self.app = web.Application(client_max_size=256 * 1024 * 1024)
+        super().__init__(web.Application(client_max_size=256 * 1024 * 1024))
         self.routes(self.app.router)
 
     def routes(self, router: web.UrlDispatcher) -> None:
         raise NotImplementedError
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    async def __aenter__(self) -> Self:
-        self._runner = web.AppRunner(self.app, handler_cancellation=True, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        server = site._server
-        assert isinstance(server, asyncio.Server)
-        self.port = server.sockets[0].getsockname()[1]
-        return self
-
-    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                        tb: TracebackType | None) -> None:
-        assert self._runner is not None
-        await self._runner.cleanup()
 
     def fail_with(self, status: int, body: Any, *, times: int = 1, retry_after: str | None = None) -> None:
         """The next `times` authenticated calls answer `status` with `body` instead of images."""

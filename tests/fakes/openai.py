@@ -38,11 +38,12 @@ from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from types import TracebackType
 from typing import Any
 
 from aiohttp import BodyPartReader, web
 from PIL import Image
+
+from tests.fakes.server import LoopbackServer
 
 API_KEY = "sk-fake-openai-0123456789abcdef"
 IMAGE_SIZE = (32, 24)
@@ -117,7 +118,7 @@ def error(status: int, message: str, param: str | None = None, code: str | None 
                              status=status)
 
 
-class FakeOpenAI:
+class FakeOpenAI(LoopbackServer):
     """`async with FakeOpenAI() as fake:`, then point a provider at `fake.base_url` (Azure: `fake.url`)."""
 
     def __init__(self, api_key: str = API_KEY) -> None:
@@ -132,38 +133,16 @@ class FakeOpenAI:
         self.script: deque[Scripted] = deque()
         self.active = 0  # image requests being answered right now
         self.peak = 0  # the most there ever were at once
-        self.port = 0
         self._counter = itertools.count()
-        self._runner: web.AppRunner | None = None
         app = web.Application(client_max_size=64 * 1024 * 1024)
         app.router.add_post("/v1/images/{operation}", self.openai_images)
         app.router.add_post("/openai/deployments/{deployment}/images/{operation}", self.azure_images)
         app.router.add_get("/files/{name}", self.file)
-        self.app = app
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        super().__init__(app)
 
     @property
     def base_url(self) -> str:
         return f"{self.url}/v1"
-
-    async def __aenter__(self) -> FakeOpenAI:
-        # handler_cancellation: a delayed answer stops when the client hangs up, as a real server's would
-        self._runner = web.AppRunner(self.app, handler_cancellation=True, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        server = site._server
-        assert isinstance(server, asyncio.Server)
-        self.port = server.sockets[0].getsockname()[1]
-        return self
-
-    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                        tb: TracebackType | None) -> None:
-        assert self._runner is not None
-        await self._runner.cleanup()
 
     # scripting --------------------------------------------------------------------------------------------
     def fail(self, status: int, body: Any = None, *, times: int = 1, headers: dict[str, str] | None = None

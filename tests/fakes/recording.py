@@ -10,12 +10,13 @@ import io
 import json
 from collections import deque
 from dataclasses import dataclass
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
 from PIL import Image
+
+from tests.fakes.server import LoopbackServer
 
 # what aiohttp's client sends on its own besides the headers an adapter sets
 TRANSPORT_HEADERS = frozenset({"host", "accept", "accept-encoding", "user-agent", "content-length"})
@@ -39,16 +40,14 @@ class Failure:
     message: str | None = None
 
 
-class RecordingServer:
+class RecordingServer(LoopbackServer):
     """Subclasses add their routes to `app`; `async with` starts the server on a free port and stops it."""
 
     def __init__(self) -> None:
         self.calls: list[Call] = []
         self.failures: deque[Failure] = deque()
         self.delay = 0.0  # seconds every answer waits, to provoke timeouts
-        self.url = ""
-        self.app = web.Application(middlewares=[self._record])
-        self._runner: web.AppRunner | None = None
+        super().__init__(web.Application(middlewares=[self._record]))
 
     def fail_next(self, kind: str, times: int = 1, *, retry_after: str | None = None,
                   message: str | None = None) -> None:
@@ -70,19 +69,6 @@ class RecordingServer:
             await asyncio.sleep(self.delay)
         return await handler(request)
 
-    async def __aenter__(self) -> Self:
-        self._runner = web.AppRunner(self.app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        host, port = self._runner.addresses[0][:2]
-        self.url = f"http://{host}:{port}"
-        return self
-
-    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                        tb: TracebackType | None) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
 
 
 def png(width: int, height: int, seed: str) -> bytes:
