@@ -112,12 +112,12 @@ async def in_process_worker_ctx(app: web.Application) -> AsyncIterator[None]:
         yield
         return
     from workers.resources import open_resources
-    from workers.tasks import execute_job
+    from workers.tasks import run_started
     from workers.worker import build_worker
 
     manager = app[SIO].manager
     async with open_resources(settings, config, app[REDIS], app[STORAGE], manager) as res:
-        app[DISPATCHER].inline = partial(execute_job, res)
+        app[DISPATCHER].inline = partial(run_started, res)
         worker = None
         if settings.embedded:
             worker = build_worker(settings, config, app[REDIS_FACTORY](), res, handle_signals=False)

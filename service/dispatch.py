@@ -13,6 +13,7 @@ from service.errors import Conflict, NotFound
 from service.fetch import AddressPolicy
 from service.idempotency import IdempotencyClaim, IdempotencyStore
 from service.jobs import JobFailure, JobRecord, JobStore, new_job_id
+from service.lifecycle import Lifecycle
 from service.limits import Limiter
 from service.logs import JOB_ID
 from service.progress import ProgressHub, ProgressPublisher
@@ -25,7 +26,7 @@ log = logging.getLogger(__name__)
 
 CAPABILITY = {"generate": "generate", "edit": "edit", "variation": "edit"}
 
-InlineRunner = Callable[[str], Coroutine[Any, Any, JobRecord | None]]
+InlineRunner = Callable[[JobRecord], Coroutine[Any, Any, JobRecord | None]]  # runs a job created running
 
 
 class Dispatcher:
@@ -38,8 +39,8 @@ class Dispatcher:
         self.hub = hub
         self.inline: InlineRunner | None = None  # set when this process can run jobs itself
         self.inline_tasks: dict[str, asyncio.Task[JobRecord | None]] = {}
-        self.limiter = Limiter(store.redis, settings)
         self.settlement = Settlement(store.redis, settings, config)
+        self.lifecycle = Lifecycle(store, Limiter(settings), self.settlement, publisher)
         self.idempotency = IdempotencyStore(store.redis, settings.job_ttl)
         self.webhook_policy = AddressPolicy(list(settings.fetch_allowed_networks))
 
@@ -72,7 +73,7 @@ class Dispatcher:
         inline = self.runs_inline(spec.model)
         future = self.hub.expect(record.id) if wait else None
         try:
-            await self._create(record, principal, inline=inline, idempotency=idempotency)
+            record = await self._create(record, principal, inline=inline, idempotency=idempotency)
         except BaseException:
             if future is not None:
                 self.hub.forget(record.id, future)
@@ -84,15 +85,12 @@ class Dispatcher:
         return record, await self.hub.wait(record.id, future, self.settings.sync_timeout)
 
     async def _create(self, record: JobRecord, principal: Principal, *, inline: bool,
-                      idempotency: IdempotencyClaim | None) -> None:
-        """Admission, then the job. What fails gives back what was taken: limit slots, the idempotency key."""
+                      idempotency: IdempotencyClaim | None) -> JobRecord:
+        """Admission and the job, in one move; a refusal gives back the idempotency key. The record as
+        created."""
         try:
-            await self.limiter.admit(principal, record.id, record.spec.n, queued=not inline)
-            try:
-                await self.store.create(record, enqueue=not inline)
-            except BaseException:
-                await asyncio.shield(self.settlement.abandon(record))
-                raise
+            record = await self.lifecycle.create(record, principal, inline=inline,
+                                                 run_for=self.config.models[record.model].timeout)
         except BaseException:
             if idempotency is not None:
                 await asyncio.shield(self.idempotency.release(principal.owner, idempotency, record.id))
@@ -101,10 +99,11 @@ class Dispatcher:
             await self.idempotency.created(principal.owner, idempotency, record.id)
         if inline:
             assert self.inline is not None
-            task = asyncio.create_task(self.inline(record.id))
+            task = asyncio.create_task(self.inline(record))
             self.inline_tasks[record.id] = task
             task.add_done_callback(lambda _: self.inline_tasks.pop(record.id, None))
             task.add_done_callback(self._answer_waiters)
+        return record
 
     def _answer_waiters(self, task: asyncio.Task[JobRecord | None]) -> None:
         """An inline job's terminal record goes straight to the requests waiting for it, without the trip

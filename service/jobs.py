@@ -14,6 +14,7 @@ from pydantic import BaseModel
 
 from service.constants import JOB_FUNCTION, JOB_KEY, WAKE_CHANNEL
 from service.schemas import ImageSpec, JobStatus, WebhookDelivery
+from service.scripts import Chain, Step, StepCall
 
 ACTIVE: frozenset[JobStatus] = frozenset({"queued", "running"})
 TERMINAL: frozenset[JobStatus] = frozenset({"succeeded", "failed", "cancelled"})
@@ -80,26 +81,39 @@ class JobRecord(BaseModel):
 
 _STRING_FIELDS = frozenset({"id", "owner", "model", "status", "stage", "base_url"})
 
-# Moves a job between states atomically: only from one of the allowed states, and returns the record after.
-_TRANSITION = """
-local cur = redis.call('HGET', KEYS[1], 'status')
+# Moves a job between states atomically: only from one of the allowed states; the record after.
+TRANSITION = Step("transition", """
+local cur = redis.call('HGET', K[1], 'status')
 if not cur then return {0} end
-if not string.find(' ' .. ARGV[1] .. ' ', ' ' .. cur .. ' ', 1, true) then
+if not string.find(' ' .. A[1] .. ' ', ' ' .. cur .. ' ', 1, true) then
   return {0, cur}
 end
-for i = 2, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
-if ARGV[2] == 'status' and ARGV[3] == 'running' then redis.call('HINCRBY', KEYS[1], 'attempts', 1) end
-return {1, redis.call('HGETALL', KEYS[1])}
-"""
+for i = 2, #A, 2 do redis.call('HSET', K[1], A[i], A[i + 1]) end
+if A[2] == 'status' and A[3] == 'running' then redis.call('HINCRBY', K[1], 'attempts', 1) end
+return {1, redis.call('HGETALL', K[1])}
+""")
+
+# Stores a new record; for queued dispatch also the arq job (as arq's enqueue_job writes it), its place in the
+# queue and the wake-up for idle workers.
+CREATE = Step("create", """
+for i = 6, #A, 2 do redis.call('HSET', K[1], A[i], A[i + 1]) end
+redis.call('EXPIRE', K[1], A[1])
+if A[3] ~= '' then
+  redis.call('PSETEX', K[2], tonumber(A[1]) * 1000, A[3])
+  redis.call('ZADD', K[3], A[4], A[2])
+  redis.call('PUBLISH', A[5], '1')
+end
+return {1}
+""")
 
 # Raises the stored progress only while the job runs and never lowers it.
-_PROGRESS = """
-if redis.call('HGET', KEYS[1], 'status') ~= 'running' then return 0 end
-local cur = tonumber(redis.call('HGET', KEYS[1], 'progress') or '0')
-if tonumber(ARGV[1]) < cur then return 0 end
-redis.call('HSET', KEYS[1], 'progress', ARGV[1], 'stage', ARGV[2])
-return 1
-"""
+PROGRESS = Step("progress", """
+if redis.call('HGET', K[1], 'status') ~= 'running' then return {0} end
+local cur = tonumber(redis.call('HGET', K[1], 'progress') or '0')
+if tonumber(A[1]) < cur then return {0} end
+redis.call('HSET', K[1], 'progress', A[1], 'stage', A[2])
+return {1}
+""")
 
 
 def json_serializer(data: dict[str, Any]) -> bytes:
@@ -116,78 +130,60 @@ def new_job_id() -> str:
 
 
 class JobStore:
-    """Job records in Redis plus the arq queue they run from."""
+    """Job records in Redis plus the arq queue they run from. The moves that also touch limits, settlement or
+    events are composed with those in service/lifecycle.py; this class builds the record's part of them."""
 
     def __init__(self, redis: ArqRedis, queue_name: str, ttl: int) -> None:
         self.redis = redis
         self.queue_name = queue_name
         self.ttl = ttl
-        self._transition = redis.register_script(_TRANSITION)
-        self._progress = redis.register_script(_PROGRESS)
+        self._transition = Chain(redis, TRANSITION)
+        self._progress = Chain(redis, PROGRESS)
 
     def key(self, job_id: str) -> str:
         return JOB_KEY.format(job_id)
 
-    async def create(self, record: JobRecord, *, enqueue: bool) -> None:
-        """Store the record and, for queued dispatch, enqueue it and wake a worker: one round trip."""
+    def create_call(self, record: JobRecord, *, enqueue: bool, run_for: float) -> StepCall:
+        """The CREATE step: the record, plus for queued dispatch the arq job. That carries the job's owner and
+        how long it may run once started (its model's timeout): what the worker's start needs to set the limit
+        lease in the same round trip, before it has read the record."""
         now_ms = int(time.time() * 1000)
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hset(self.key(record.id), mapping=record.to_hash())
-            pipe.expire(self.key(record.id), self.ttl)
-            if enqueue:
-                # the arq job itself, written as arq's enqueue_job would, but in the same transaction
-                payload = serialize_job(JOB_FUNCTION, (record.id,), {}, None, now_ms, serializer=json_serializer)
-                pipe.psetex(job_key_prefix + record.id, self.ttl * 1000, payload)
-                pipe.zadd(self.queue_name, {record.id: now_ms})
-                pipe.publish(WAKE_CHANNEL, b"1")
-            await pipe.execute()
+        payload = b""
+        if enqueue:
+            payload = serialize_job(JOB_FUNCTION, (record.id, record.owner, run_for), {}, None, now_ms,
+                                    serializer=json_serializer)
+        fields = [item for pair in record.to_hash().items() for item in pair]
+        return ([self.key(record.id), job_key_prefix + record.id, self.queue_name],
+                [self.ttl, record.id, payload, now_ms, WAKE_CHANNEL, *fields])
 
     async def get(self, job_id: str) -> JobRecord | None:
         raw = await self.redis.hgetall(self.key(job_id))  # type: ignore[misc]
         return JobRecord.from_hash(raw) if raw else None
 
-    async def transition(
-        self, job_id: str, allowed: frozenset[JobStatus], fields: dict[str, Any]
-    ) -> JobRecord | None:
-        """Apply `fields` if the job is in one of `allowed` states; the record after, or None if not applied."""
+    def transition_call(self, job_id: str, allowed: frozenset[JobStatus], fields: dict[str, Any]) -> StepCall:
+        """The TRANSITION step: apply `fields` if the job is in one of `allowed` states."""
         args: list[str] = [" ".join(sorted(allowed))]
         for name, value in fields.items():
             args += [name, value if isinstance(value, str) else json.dumps(value)]
-        reply = await self._transition(keys=[self.key(job_id)], args=args)
+        return [self.key(job_id)], args
+
+    @staticmethod
+    def transitioned(reply: list[Any]) -> JobRecord | None:
+        """The record after a TRANSITION step, or None if it was not applied."""
         if not reply or reply[0] != 1:
             return None
         flat = reply[1]
         return JobRecord.from_hash(dict(zip(flat[::2], flat[1::2], strict=True)))
 
-    async def start(self, job_id: str) -> JobRecord | None:
-        """queued (or running, when arq re-runs a job after a crash) -> running."""
-        return await self.transition(job_id, ACTIVE, {"status": "running", "stage": "starting",
-                                                       "started_at": time.time()})
-
-    async def succeed(self, job_id: str, result: StoredResult) -> JobRecord | None:
-        return await self.transition(
-            job_id,
-            frozenset({"running"}),
-            {
-                "status": "succeeded",
-                "progress": 100,
-                "stage": "done",
-                "finished_at": time.time(),
-                "result": result.model_dump(mode="json", exclude_none=True),
-            },
-        )
+    async def transition(
+        self, job_id: str, allowed: frozenset[JobStatus], fields: dict[str, Any]
+    ) -> JobRecord | None:
+        """Apply `fields` if the job is in one of `allowed` states; the record after, or None if not applied."""
+        (reply,) = await self._transition(self.transition_call(job_id, allowed, fields))
+        return self.transitioned(reply)
 
     async def fail(self, job_id: str, failure: JobFailure, *, status: JobStatus = "failed") -> JobRecord | None:
-        return await self.transition(
-            job_id,
-            ACTIVE,
-            {
-                "status": status,
-                "stage": status,
-                "finished_at": time.time(),
-                "failure": failure.model_dump(mode="json"),
-            },
-        )
+        return await self.transition(job_id, ACTIVE, failed_fields(failure, status))
 
     async def cancel(self, job_id: str, failure: JobFailure) -> JobRecord | None:
         """Cancel a queued or running job: drop it from the queue and ask arq to abort a running one."""
@@ -201,4 +197,18 @@ class JobStore:
         return record
 
     async def set_progress(self, job_id: str, progress: int, stage: str) -> None:
-        await self._progress(keys=[self.key(job_id)], args=[progress, stage])
+        await self._progress(([self.key(job_id)], [progress, stage]))
+
+
+def started_fields() -> dict[str, Any]:
+    """queued (or running, when arq re-runs a job after a crash) -> running."""
+    return {"status": "running", "stage": "starting", "started_at": time.time()}
+
+
+def succeeded_fields(result: StoredResult) -> dict[str, Any]:
+    return {"status": "succeeded", "progress": 100, "stage": "done", "finished_at": time.time(),
+            "result": result.model_dump(mode="json", exclude_none=True)}
+
+
+def failed_fields(failure: JobFailure, status: JobStatus = "failed") -> dict[str, Any]:
+    return {"status": status, "stage": status, "finished_at": time.time(), "failure": failure.model_dump(mode="json")}

@@ -31,6 +31,7 @@ from service.constants import (
 from service.errors import NotFound
 from service.jobs import JobRecord, JobStore
 from service.results import render_result
+from service.scripts import Step, StepCall
 from service.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -80,30 +81,61 @@ class JobEventManager(socketio.AsyncRedisManager):  # type: ignore[misc]
             await self.redis.aclose()
 
 
+# A job event published from inside one of the job's moves (service/lifecycle.py): same round trip
+PUBLISH = Step("publish", """
+if A[2] ~= '' then redis.call('PUBLISH', A[1], A[2]) end
+return {1}
+""")
+
+EventMessage = dict[str, Any]
+
+
 class ProgressPublisher:
     """What a running job says about itself; the worker side of the event stream."""
 
     def __init__(self, manager: socketio.AsyncPubSubManager) -> None:
         self.manager = manager
 
-    async def _emit(self, event: str, job_id: str, data: dict[str, Any]) -> None:
-        await self.manager.emit(event, {"job_id": job_id, **data}, namespace=PROGRESS_NAMESPACE,
-                                room=JOB_ROOM.format(job_id))
+    def message(self, event: str, job_id: str, data: dict[str, Any]) -> EventMessage:
+        """The message python-socketio's pub/sub managers exchange for `emit(event, data, room=job:{id})`,
+        built here so that a Lua step can publish it."""
+        return {"method": "emit", "event": event, "data": [{"job_id": job_id, **data}], "binary": False,
+                "namespace": PROGRESS_NAMESPACE, "room": JOB_ROOM.format(job_id), "skip_sid": None,
+                "callback": None, "host_id": self.manager.host_id}
+
+    def publish_call(self, message: EventMessage | None) -> StepCall:
+        """The PUBLISH step for `message` (None publishes nothing)."""
+        return [], [self.manager.channel, self.manager.json.dumps(message) if message is not None else ""]
+
+    async def published(self, message: EventMessage) -> None:
+        """After a step published `message`: this process's own listeners, whom the manager skips when the
+        message comes back from Redis, get it here."""
+        await self.manager._handle_emit(message)
+
+    async def _emit(self, message: EventMessage) -> None:
+        await self.published(message)
+        await self.manager._publish(message)
+
+    def progress_message(self, job_id: str, progress: int, stage: str) -> EventMessage:
+        return self.message(EVENT_PROGRESS, job_id, {"progress": progress, "status": "running", "stage": stage})
 
     async def progress(self, job_id: str, progress: int, stage: str) -> None:
-        await self._emit(EVENT_PROGRESS, job_id, {"progress": progress, "status": "running", "stage": stage})
+        await self._emit(self.progress_message(job_id, progress, stage))
 
     async def partial_image(self, job_id: str, index: int, image: bytes, fmt: str) -> None:
-        await self._emit(
+        await self._emit(self.message(
             EVENT_PARTIAL_IMAGE,
             job_id,
             {"partial_image_index": index, "b64_json": base64.b64encode(image).decode(), "output_format": fmt},
-        )
+        ))
+
+    def finished_message(self, record: JobRecord) -> EventMessage:
+        """The terminal event; subscribers' front ends read the result from the record."""
+        event = EVENT_COMPLETED if record.status == "succeeded" else EVENT_FAILED
+        return self.message(event, record.id, {"status": record.status})
 
     async def finished(self, record: JobRecord) -> None:
-        """Announce a terminal state; subscribers' front ends read the result from the record."""
-        event = EVENT_COMPLETED if record.status == "succeeded" else EVENT_FAILED
-        await self._emit(event, record.id, {"status": record.status})
+        await self._emit(self.finished_message(record))
 
 
 @dataclass

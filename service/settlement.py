@@ -27,78 +27,68 @@ from service.constants import (
 from service.jobs import JobRecord, json_serializer
 from service.limits import limit_keys
 from service.metrics import job_fields
+from service.scripts import Chain, Step, StepCall
 from service.settings import GatewayConfig, Settings
 from service.usage import usage_record
 
-# KEYS: marker, job leases, queue leases, budget, usage log, usage key index, job counts, job durations,
+# K: marker, job leases, queue leases, budget, usage log, usage key index, job counts, job durations,
 #       webhook arq job, arq queue, every key's queue leases
-# ARGV: job id, marker ttl, refund, usage json, usage score, usage cutoff, key id, count field, bucket field,
+# A: job id, marker ttl, refund, usage json, usage score, usage cutoff, key id, count field, bucket field,
 #       sum field, seconds, webhook payload, webhook arq job id, payload ttl ms, enqueue score, wake channel
-_SETTLE = """
-if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[2]) then return 0 end
-redis.call('ZREM', KEYS[2], ARGV[1])
-redis.call('ZREM', KEYS[3], ARGV[1])
-redis.call('ZREM', KEYS[11], ARGV[1])
-if tonumber(ARGV[3]) > 0 then redis.call('DECRBY', KEYS[4], ARGV[3]) end
-if ARGV[4] ~= '' then
-  redis.call('ZADD', KEYS[5], ARGV[5], ARGV[4])
-  redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', ARGV[6])
-  redis.call('SADD', KEYS[6], ARGV[7])
+SETTLE = Step("settle", """
+if not redis.call('SET', K[1], '1', 'NX', 'EX', A[2]) then return {1, 0} end
+redis.call('ZREM', K[2], A[1])
+redis.call('ZREM', K[3], A[1])
+redis.call('ZREM', K[11], A[1])
+if tonumber(A[3]) > 0 then redis.call('DECRBY', K[4], A[3]) end
+redis.call('ZADD', K[5], A[5], A[4])
+redis.call('ZREMRANGEBYSCORE', K[5], '-inf', A[6])
+redis.call('SADD', K[6], A[7])
+if A[8] ~= '' then redis.call('HINCRBY', K[7], A[8], 1) end
+if A[9] ~= '' then
+  redis.call('HINCRBY', K[8], A[9], 1)
+  redis.call('HINCRBYFLOAT', K[8], A[10], A[11])
 end
-if ARGV[8] ~= '' then redis.call('HINCRBY', KEYS[7], ARGV[8], 1) end
-if ARGV[9] ~= '' then
-  redis.call('HINCRBY', KEYS[8], ARGV[9], 1)
-  redis.call('HINCRBYFLOAT', KEYS[8], ARGV[10], ARGV[11])
+if A[12] ~= '' then
+  redis.call('PSETEX', K[9], A[14], A[12])
+  redis.call('ZADD', K[10], A[15], A[13])
+  redis.call('PUBLISH', A[16], '1')
 end
-if ARGV[12] ~= '' then
-  redis.call('PSETEX', KEYS[9], ARGV[14], ARGV[12])
-  redis.call('ZADD', KEYS[10], ARGV[15], ARGV[13])
-  redis.call('PUBLISH', ARGV[16], '1')
-end
-return 1
-"""
+return {1, 1}
+""")
 
 
 class Settlement:
     def __init__(self, redis: ArqRedis, settings: Settings, config: GatewayConfig) -> None:
         self.settings = settings
         self.config = config
-        self._settle = redis.register_script(_SETTLE)
+        self._settle = Chain(redis, SETTLE)
 
     async def settle(self, record: JobRecord) -> bool:
         """Account for a terminal job; False when that was already done."""
+        (reply,) = await self._settle(self.settle_call(record))
+        return bool(reply[1])
+
+    def settle_call(self, record: JobRecord) -> StepCall:
+        """The SETTLE step for a terminal job (or, in a job's finishing move, the record it is about to have)."""
         assert record.terminal, f"job {record.id} is {record.status}"
+        settings = self.settings
         usage = usage_record(record, self.config)
         seconds = None
         if record.started_at is not None and record.finished_at is not None:
             seconds = max(0.0, record.finished_at - record.started_at)
+        count_field, bucket_field, sum_field = job_fields(record.model, usage.provider or "none", record.status,
+                                                          seconds)
         webhook = b""
-        if record.webhook is not None:
-            webhook = serialize_job(WEBHOOK_FUNCTION, (record.id,), {}, None, int(time.time() * 1000),
-                                    serializer=json_serializer)
-        return await self._run(record, refund=max(0, record.spec.n - usage.images),
-                               usage=usage.model_dump_json(), score=usage.finished_at, key=usage.key,
-                               metric_fields=job_fields(record.model, usage.provider or "none", record.status,
-                                                        seconds),
-                               seconds=seconds or 0.0, webhook=webhook)
-
-    async def abandon(self, record: JobRecord) -> None:
-        """Give back what admission took for a job that was never created (its creation failed)."""
-        await self._run(record, refund=record.spec.n, usage="", score=0.0, key="", metric_fields=["", "", ""],
-                        seconds=0.0, webhook=b"")
-
-    async def _run(self, record: JobRecord, *, refund: int, usage: str, score: float, key: str,
-                   metric_fields: list[str], seconds: float, webhook: bytes) -> bool:
-        settings = self.settings
         delivery_id = WEBHOOK_JOB_ID.format(record.id)
-        count_field, bucket_field, sum_field = metric_fields
+        now_ms = int(time.time() * 1000)
+        if record.webhook is not None:
+            webhook = serialize_job(WEBHOOK_FUNCTION, (record.id,), {}, None, now_ms, serializer=json_serializer)
         _, _, jobs, queued, budget = limit_keys(record.owner)
-        done = await self._settle(
-            keys=[SETTLED_KEY.format(record.id), jobs, queued, budget, USAGE_LOG.format(key), USAGE_KEYS,
-                  METRICS_JOBS, METRICS_JOB_SECONDS, job_key_prefix + delivery_id, settings.queue_name,
-                  QUEUE_LEASES],
-            args=[record.id, settings.job_ttl, refund, usage, score, score - settings.usage_retention, key,
-                  count_field, bucket_field, sum_field, f"{seconds:.6f}", webhook, delivery_id,
-                  settings.job_ttl * 1000, int(time.time() * 1000), WAKE_CHANNEL],
-        )
-        return bool(done)
+        return ([SETTLED_KEY.format(record.id), jobs, queued, budget, USAGE_LOG.format(usage.key), USAGE_KEYS,
+                 METRICS_JOBS, METRICS_JOB_SECONDS, job_key_prefix + delivery_id, settings.queue_name,
+                 QUEUE_LEASES],
+                [record.id, settings.job_ttl, max(0, record.spec.n - usage.images), usage.model_dump_json(),
+                 usage.finished_at, usage.finished_at - settings.usage_retention, usage.key, count_field,
+                 bucket_field, sum_field, f"{seconds or 0.0:.6f}", webhook, delivery_id, settings.job_ttl * 1000,
+                 now_ms, WAKE_CHANNEL])

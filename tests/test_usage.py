@@ -137,10 +137,10 @@ async def test_token_usage_from_the_upstream_is_priced_per_token(gateway_factory
     await gw.idle()
 
 
-async def rerun(gw: Gateway, job_id: str) -> None:
+async def rerun(gw: Gateway, job_id: str, owner: str = "key:alice") -> None:
     """What arq does with a job whose worker died: run the job function again, then wait until it ran."""
     redis, now = gw.app[REDIS], int(time.time() * 1000)
-    payload = serialize_job(JOB_FUNCTION, (job_id,), {}, None, now, serializer=json_serializer)
+    payload = serialize_job(JOB_FUNCTION, (job_id, owner, 600.0), {}, None, now, serializer=json_serializer)
     await redis.psetex(job_key_prefix + job_id, 60_000, payload)
     await redis.zadd(gw.settings.queue_name, {job_id: now})
     await redis.publish(WAKE_CHANNEL, b"1")
@@ -167,14 +167,16 @@ async def test_usage_is_recorded_once_even_when_the_job_function_runs_again(
     report = await usage(http, gw, "sk-alice")
     assert (report["totals"]["jobs"], report["totals"]["images"]) == (1, 2)
 
-    # a worker that died between ending a job and settling it: the re-run settles it, once
+    # a job that ended without being settled (a front end that died between cancelling a job and settling
+    # it): a re-run settles it, once
     store = gw.app[STORE]
     spec = ImageSpec(model="imagegw-local", prompt="orphan", size="64x64", n=3)
-    orphan = JobRecord(id="f" * 32, owner="key:alice", model="imagegw-local", spec=spec, created_at=time.time())
-    await store.create(orphan, enqueue=False)
-    await store.start(orphan.id)
-    await store.succeed(orphan.id, StoredResult(created=int(time.time()), size="64x64", provider="local",
-                                                images=[StoredImage(name=f"{orphan.id}/0.png")]))
+    now = time.time()
+    orphan = JobRecord(id="f" * 32, owner="key:alice", model="imagegw-local", spec=spec, created_at=now,
+                       status="succeeded", started_at=now, finished_at=now, result=StoredResult(
+                           created=int(now), size="64x64", provider="local",
+                           images=[StoredImage(name="f" * 32 + "/0.png")]))
+    await gw.app[REDIS].hset(store.key(orphan.id), mapping=orphan.to_hash())  # type: ignore[misc]
     await rerun(gw, orphan.id)
     await rerun(gw, orphan.id)
     report = await usage(http, gw, "sk-alice")

@@ -12,6 +12,7 @@ import socketio
 from arq.connections import ArqRedis
 
 from service.jobs import JobStore
+from service.lifecycle import Lifecycle
 from service.limits import Limiter
 from service.metrics import UpstreamErrorCounter
 from service.progress import ProgressPublisher
@@ -33,7 +34,7 @@ class WorkerResources:
     publisher: ProgressPublisher
     router: Router
     http: aiohttp.ClientSession
-    limiter: Limiter
+    lifecycle: Lifecycle
     settlement: Settlement
     webhooks: WebhookSender
 
@@ -60,16 +61,19 @@ async def open_resources(
         webhooks = WebhookSender(settings)  # its own session: receivers are checked like client-given URLs
         try:
             await webhooks.open()
+            store = JobStore(redis, settings.queue_name, settings.job_ttl)
+            publisher = ProgressPublisher(manager)
+            settlement = Settlement(redis, settings, config)
             yield WorkerResources(
                 settings=settings,
                 config=config,
-                store=JobStore(redis, settings.queue_name, settings.job_ttl),
+                store=store,
                 storage=storage,
-                publisher=ProgressPublisher(manager),
+                publisher=publisher,
                 router=router,
                 http=http,
-                limiter=Limiter(redis, settings),
-                settlement=Settlement(redis, settings, config),
+                lifecycle=Lifecycle(store, Limiter(settings), settlement, publisher),
+                settlement=settlement,
                 webhooks=webhooks,
             )
         finally:

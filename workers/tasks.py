@@ -32,9 +32,8 @@ class JobProgress:
         self.interval = res.settings.progress_interval
         self.percent = 0
         self.stage = "starting"
-        self.sent = (-1, "")
-        self.recorded = (0, "starting")  # what `JobStore.start` already wrote into the record
-        self.last_sent_at = 0.0
+        self.sent = (0, "starting")  # the job's start recorded and published this opening state
+        self.last_sent_at = time.monotonic()
         self.partials = 0
         self._flush: asyncio.Task[None] | None = None
 
@@ -59,8 +58,7 @@ class JobProgress:
             return
         self.sent = state
         self.last_sent_at = time.monotonic()
-        if state != self.recorded:  # the opening event needs no record write: a round trip less per job
-            await self.res.store.set_progress(self.job_id, self.percent, self.stage)
+        await self.res.store.set_progress(self.job_id, self.percent, self.stage)
         await self.res.publisher.progress(self.job_id, self.percent, self.stage)
 
     async def partial_image(self, image: bytes, fmt: str) -> None:
@@ -72,9 +70,10 @@ class JobProgress:
             self._flush.cancel()
 
 
-async def run_image_job(ctx: dict[str, Any], job_id: str) -> None:
-    """arq entry point. Payload is only our job id: the record in Redis is the source of truth, so a re-run
-    after a worker crash starts from the record again and finishing twice is impossible."""
+async def run_image_job(ctx: dict[str, Any], job_id: str, owner: str, run_for: float) -> None:
+    """arq entry point. The payload is our job id plus what the start needs before the record is read (its
+    owner's limit keys, its model's timeout): the record in Redis is the source of truth, so a re-run after a
+    worker crash starts from the record again and finishing twice is impossible."""
     res = resources(ctx)
     if ctx.get("job_try", 1) > MAX_ATTEMPTS:
         record = await res.store.get(job_id)
@@ -82,22 +81,27 @@ async def run_image_job(ctx: dict[str, Any], job_id: str) -> None:
             await finish_failed(res, record, InternalError(
                 f"The job was abandoned {MAX_ATTEMPTS} times by crashing workers.", code="worker_lost"))
         return
-    await execute_job(res, job_id)
+    await execute_job(res, job_id, owner, run_for)
 
 
-async def execute_job(res: WorkerResources, job_id: str) -> JobRecord | None:
-    """Run the job; returns the terminal record this run wrote (None if another run or a cancel ended it),
-    so a front end running it inline answers its waiting request without a trip through Redis."""
+async def execute_job(res: WorkerResources, job_id: str, owner: str, run_for: float) -> JobRecord | None:
+    """Start the job and run it; the terminal record this run wrote, or None if another run or a cancel
+    ended it."""
     JOB_ID.set(job_id)
-    record = await res.store.start(job_id)
+    record = await res.lifecycle.start(job_id, owner, run_for)
     if record is None:  # cancelled before it started, or finished by an earlier attempt
         await settle_ended(res, job_id)
         return None
-    progress = JobProgress(res, job_id)
+    return await run_started(res, record)
+
+
+async def run_started(res: WorkerResources, record: JobRecord) -> JobRecord | None:
+    """Run a job already marked running: by `execute_job`, or created so by a front end running it inline,
+    which gets the terminal record back to answer its waiting request without a trip through Redis."""
+    JOB_ID.set(record.id)
+    progress = JobProgress(res, record.id)
     timeout = res.config.models[record.model].timeout if record.model in res.config.models else None
-    await res.limiter.started(record.owner, job_id, timeout or res.settings.job_ttl)
     try:
-        await progress.update(0.0, "starting")
         request = await load_request(res, record)
         async with asyncio.timeout(timeout):
             routed = await res.router.generate(request, progress)
@@ -108,7 +112,7 @@ async def execute_job(res: WorkerResources, job_id: str) -> JobRecord | None:
         return await asyncio.shield(finish_failed(res, record, UpstreamTimeout(
             f"The job did not finish within the model's timeout of {timeout:g} s.")))
     except Exception:  # a bug in a provider must still end the job; CancelledError is not caught here
-        log.exception("job %s failed unexpectedly", job_id)
+        log.exception("job %s failed unexpectedly", record.id)
         return await asyncio.shield(
             finish_failed(res, record, InternalError("The image back end failed unexpectedly.")))
     finally:
@@ -154,21 +158,14 @@ async def store_images(res: WorkerResources, record: JobRecord, routed: RoutedRe
 
 
 async def finish_succeeded(res: WorkerResources, record: JobRecord, result: StoredResult) -> JobRecord | None:
-    done = await res.store.succeed(record.id, result)
+    done = await res.lifecycle.succeed(record, result)
     if done is None:
         await res.storage.delete_job(record.id)  # cancelled while running: its images are not wanted
-        return None
-    await res.settlement.settle(done)  # before the announcement: a client told "done" has its slot back
-    await res.publisher.finished(done)
     return done
 
 
 async def finish_failed(res: WorkerResources, record: JobRecord, error: GatewayError) -> JobRecord | None:
-    done = await res.store.fail(record.id, JobFailure(status=error.status, error=error.to_dict()))
-    if done is not None:
-        await res.settlement.settle(done)
-        await res.publisher.finished(done)
-    return done
+    return await res.lifecycle.fail(record, JobFailure(status=error.status, error=error.to_dict()))
 
 
 async def settle_ended(res: WorkerResources, job_id: str) -> None:

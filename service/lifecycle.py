@@ -1,0 +1,101 @@
+"""A job's moves that span several concerns, each one atomic Redis round trip: admitted and created (already
+running when this process runs it inline), started by a worker, finished. Each concern builds its own step
+(service/limits.py, service/jobs.py, service/settlement.py, service/progress.py); this module only chains them.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from service.auth import Principal
+from service.jobs import (
+    ACTIVE,
+    CREATE,
+    TRANSITION,
+    JobFailure,
+    JobRecord,
+    JobStore,
+    StoredResult,
+    failed_fields,
+    started_fields,
+    succeeded_fields,
+)
+from service.limits import ADMIT, STARTED, Limiter
+from service.progress import PUBLISH, ProgressPublisher
+from service.schemas import JobStatus
+from service.scripts import Chain
+from service.settlement import SETTLE, Settlement
+
+RUNNING: frozenset[JobStatus] = frozenset({"running"})
+
+
+class Lifecycle:
+    def __init__(self, store: JobStore, limiter: Limiter, settlement: Settlement,
+                 publisher: ProgressPublisher) -> None:
+        self.store = store
+        self.limiter = limiter
+        self.settlement = settlement
+        self.publisher = publisher
+        self._create = Chain(store.redis, ADMIT, CREATE, PUBLISH)
+        self._start = Chain(store.redis, TRANSITION, STARTED, PUBLISH)
+        self._finish = Chain(store.redis, TRANSITION, SETTLE, PUBLISH)
+
+    async def create(self, record: JobRecord, principal: Principal, *, inline: bool, run_for: float
+                     ) -> JobRecord:
+        """Admit and store a new job: queued for a worker (woken in the same move), or for inline dispatch
+        already running here, its opening event published. `run_for` is its model's timeout. Raises the
+        error of the limit that refused it; then nothing was taken."""
+        opening = None
+        if inline:
+            record = record.model_copy(update={"status": "running", "stage": "starting", "attempts": 1,
+                                               "started_at": time.time()})
+            opening = self.publisher.progress_message(record.id, 0, "starting")
+        replies = await self._create(
+            self.limiter.admit_call(principal, record.id, record.spec.n, queued=not inline, run_for=run_for),
+            self.store.create_call(record, enqueue=not inline, run_for=run_for),
+            self.publisher.publish_call(opening),
+        )
+        Limiter.check(replies[0])
+        if opening is not None:
+            await self.publisher.published(opening)
+        return record
+
+    async def start(self, job_id: str, owner: str, run_for: float) -> JobRecord | None:
+        """A worker takes the job: running, its limit slot now lapsing with `run_for` (its model's timeout),
+        its opening event published. None when it is not queued or running (cancelled, or ended by an
+        earlier attempt)."""
+        opening = self.publisher.progress_message(job_id, 0, "starting")
+        replies = await self._start(
+            self.store.transition_call(job_id, ACTIVE, started_fields()),
+            Limiter.started_call(owner, job_id, run_for),
+            self.publisher.publish_call(opening),
+        )
+        record = JobStore.transitioned(replies[0])
+        if record is not None:
+            await self.publisher.published(opening)
+        return record
+
+    async def succeed(self, record: JobRecord, result: StoredResult) -> JobRecord | None:
+        """running -> succeeded; None if the job was cancelled meanwhile."""
+        return await self._end(record, RUNNING, succeeded_fields(result))
+
+    async def fail(self, record: JobRecord, failure: JobFailure) -> JobRecord | None:
+        """queued or running -> failed; None if the job had already ended."""
+        return await self._end(record, ACTIVE, failed_fields(failure))
+
+    async def _end(self, record: JobRecord, allowed: frozenset[JobStatus], fields: dict[str, Any]
+                   ) -> JobRecord | None:
+        """The terminal transition, the job's settlement (before the announcement: a client told "done" has
+        its slot back) and the terminal event, together or not at all."""
+        ending = JobRecord.model_validate({**record.model_dump(), **fields})  # what the transition will leave
+        announcement = self.publisher.finished_message(ending)
+        replies = await self._finish(
+            self.store.transition_call(record.id, allowed, fields),
+            self.settlement.settle_call(ending),
+            self.publisher.publish_call(announcement),
+        )
+        done = JobStore.transitioned(replies[0])
+        if done is not None:
+            await self.publisher.published(announcement)
+        return done
