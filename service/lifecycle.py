@@ -97,5 +97,5 @@ class Lifecycle:
         )
         done = JobStore.transitioned(replies[0])
         if done is not None:
-            await self.publisher.published(announcement)
+            await self.publisher.published(announcement, ended=done)
         return done

@@ -64,6 +64,14 @@ class JobEventManager(socketio.AsyncRedisManager):  # type: ignore[misc]
         if not self.write_only:
             await super()._handle_emit(message)
 
+    async def emitted_here(self, message: dict[str, Any], ended: JobRecord | None = None) -> None:
+        """Deliver in this process a message published to Redis: the listener skips this host's own messages.
+        `ended` is the terminal record a job run here just wrote: requests waiting for it take it as it is,
+        without re-reading it from Redis."""
+        if ended is not None and self.hub is not None:
+            self.hub.ended(ended)
+        await self._handle_emit(message)
+
     async def subscribed(self, timeout: float = 5.0) -> None:
         """Wait until the listener is subscribed, so no event published after start-up is missed."""
         loop = asyncio.get_running_loop()
@@ -93,7 +101,7 @@ EventMessage = dict[str, Any]
 class ProgressPublisher:
     """What a running job says about itself; the worker side of the event stream."""
 
-    def __init__(self, manager: socketio.AsyncPubSubManager) -> None:
+    def __init__(self, manager: JobEventManager) -> None:
         self.manager = manager
 
     def message(self, event: str, job_id: str, data: dict[str, Any]) -> EventMessage:
@@ -107,10 +115,9 @@ class ProgressPublisher:
         """The PUBLISH step for `message` (None publishes nothing)."""
         return [], [self.manager.channel, self.manager.json.dumps(message) if message is not None else ""]
 
-    async def published(self, message: EventMessage) -> None:
-        """After a step published `message`: this process's own listeners, whom the manager skips when the
-        message comes back from Redis, get it here."""
-        await self.manager._handle_emit(message)
+    async def published(self, message: EventMessage, ended: JobRecord | None = None) -> None:
+        """After a step published `message`: this process's own listeners get it (see `emitted_here`)."""
+        await self.manager.emitted_here(message, ended)
 
     async def _emit(self, message: EventMessage) -> None:
         await self.published(message)

@@ -8,14 +8,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
-import socketio
 from arq.connections import ArqRedis
 
 from service.jobs import JobStore
 from service.lifecycle import Lifecycle
 from service.limits import Limiter
 from service.metrics import UpstreamErrorCounter
-from service.progress import ProgressPublisher
+from service.progress import JobEventManager, ProgressPublisher
 from service.settings import GatewayConfig, Settings
 from service.settlement import Settlement
 from service.storage import Storage
@@ -51,7 +50,7 @@ async def open_resources(
     config: GatewayConfig,
     redis: ArqRedis,
     storage: Storage,
-    manager: socketio.AsyncPubSubManager,
+    manager: JobEventManager,
 ) -> AsyncIterator[WorkerResources]:
     """The shared HTTP session (connection limits, no per-job sessions) and the router built on it."""
     connector = aiohttp.TCPConnector(limit=200, limit_per_host=50, ttl_dns_cache=300)
