@@ -18,7 +18,7 @@ from typing import Any
 from redis.asyncio import Redis
 
 from bench.report import Row, Target, percentile, row
-from bench.servers import UPSTREAM_MODEL, LoadProcess, Service, Stack
+from bench.servers import GATEWAY_KEY, UPSTREAM_MODEL, LoadProcess, Service, Stack
 from service.constants import JOB_KEY
 from service.settings import Settings
 
@@ -74,7 +74,8 @@ class Bench:
     def gateway_target(self, gateway: Service, model: str, *, headers: dict[str, str] | None = None,
                        status: int = 200, **params: Any) -> dict[str, Any]:
         return {"url": gateway.url + "/v1/images/generations",
-                "body": {"model": model, "prompt": PROMPT, **params}, "headers": headers or {},
+                "body": {"model": model, "prompt": PROMPT, **params},
+                "headers": {"Authorization": f"Bearer {GATEWAY_KEY}", **(headers or {})},
                 "status": status,
                 "contains": '"b64_json"' if status == 200 else '"object":"image.job"'}
 
@@ -374,7 +375,8 @@ async def progress(bench: Bench, gateway: Service, plain: Service) -> None:
     memory: dict[str, float] = {}
     for kind, url, pid in (("sio", gateway.url, gateway.pid), ("plain", plain.url, plain.pid)):
         before = _status(pid)["VmRSS"]
-        await bench.load.run("subscribe", kind=kind, url=url, job_ids=job_ids, count=sizes.subscribers)
+        await bench.load.run("subscribe", kind=kind, url=url, api_key=GATEWAY_KEY, job_ids=job_ids,
+                             count=sizes.subscribers)
         await asyncio.sleep(1.0)
         memory[kind] = (_status(pid)["VmRSS"] - before) / 2**20 * 1000 / sizes.subscribers
     # paced like real jobs: each reports at most once per progress interval (0.2 s by default), so 100 jobs

@@ -26,6 +26,7 @@ from service.constants import WAKE_CHANNEL
 ROOT = Path(__file__).resolve().parents[1]
 UPSTREAM_KEY_ENV = "BENCH_UPSTREAM_KEY"
 UPSTREAM_MODEL = "gpt-image-1"
+GATEWAY_KEY = "sk-bench-gateway"  # a config-file key: every request is authenticated, as in production
 
 # public model -> (dispatch, upstream mount): all served by the real OpenAI adapter against the fake upstream
 MODELS = {
@@ -58,7 +59,8 @@ def gateway_config(upstream_url: str) -> dict[str, object]:
     models = {name: {"family": "generic", "dispatch": dispatch,
                      "deployments": [{"provider": provider(mount), "model": UPSTREAM_MODEL}]}
               for name, (dispatch, mount) in MODELS.items()}
-    return {"default_model": "bench-inline", "providers": providers, "models": models}
+    return {"default_model": "bench-inline", "providers": providers, "models": models,
+            "keys": [{"name": "bench", "key": GATEWAY_KEY}]}
 
 
 @dataclass

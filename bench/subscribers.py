@@ -127,7 +127,7 @@ class SubscriberPool:
 
     async def command(self, op: str, command: dict[str, Any]) -> dict[str, Any]:
         if op == "subscribe":
-            return await self.subscribe(command["kind"], command["url"], command.get("api_key", "bench"),
+            return await self.subscribe(command["kind"], command["url"], command["api_key"],
                                         command["job_ids"], command["count"])
         if op == "publish":
             return await self.publish(command["kind"], command["redis_url"], command["job_ids"],

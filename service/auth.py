@@ -113,6 +113,7 @@ class KeyRing:
                 raise ValueError(f"key {key.name!r}: names like key_<16 hex digits> are reserved for created keys")
             self._by_hash[key_hash(value)] = config_principal(key, secret)
         self.store: KeyStore | None = None  # the Redis keys, attached once Redis is open
+        self._keys_seen = False
 
     @property
     def dev_mode_possible(self) -> bool:
@@ -120,7 +121,12 @@ class KeyRing:
         return not self._by_hash and self._admin_token is None
 
     async def dev_mode(self) -> bool:
-        return self.dev_mode_possible and (self.store is None or not await self.store.in_use())
+        if not self.dev_mode_possible or self._keys_seen:
+            return False
+        if self.store is not None and await self.store.in_use():
+            self._keys_seen = True  # dev mode never reopens: no need to ask Redis again
+            return False
+        return True
 
     async def resolve(self, token: str | None) -> Principal:
         """The caller behind `token`, or AuthenticationFailed saying why not."""
