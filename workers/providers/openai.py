@@ -63,6 +63,7 @@ from workers.providers.images_api import (
     raise_for_status,
     upstream_error,
 )
+from workers.providers.json_stream import RawString
 from workers.providers.translation import add_usage, calls_for, fan_out
 from workers.providers.upstream_client import MAX_ANSWER_BYTES, JsonAnswer, UpstreamClient
 
@@ -70,6 +71,7 @@ DEFAULT_BASE_URL = "https://api.openai.com/v1"
 AZURE_API_VERSION = "2025-04-01-preview"
 ENDPOINTS = {"generate": "generations", "edit": "edits", "variation": "variations"}
 STREAM_EVENTS = {"generate": "image_generation", "edit": "image_edit"}  # the prefix of the SSE event types
+IMAGE_KEYS = frozenset({"b64_json"})  # answer strings read as raw bytes, each decoded straight to its image
 
 # OpenAI's error codes, first match wins; others fall back to the HTTP status.
 OPENAI_ERRORS: tuple[ErrorRule, ...] = (
@@ -190,9 +192,10 @@ class OpenAIProvider(Provider):
                     else {"data": multipart(body, request.images, request.mask)})
                 return await self._stream(client, url, headers, payload, options, progress)
             if spec.operation == "generate":
-                answer = await client.post_json(url, body, headers)
+                answer = await client.post_json(url, body, headers, raw_keys=IMAGE_KEYS)
             else:
-                answer = await client.post_form(url, multipart(body, request.images, request.mask), headers)
+                answer = await client.post_form(url, multipart(body, request.images, request.mask), headers,
+                                                raw_keys=IMAGE_KEYS)
             return await self._images(client, answer, options), answer.body
 
         await progress.update(0.05, "waiting for the upstream")
@@ -235,8 +238,11 @@ class OpenAIProvider(Provider):
         images = []
         for item in data:
             revised = item.get("revised_prompt")
-            if isinstance(item.get("b64_json"), str):
-                images.append(decode_b64_image(item["b64_json"], revised))
+            b64 = item.get("b64_json")
+            if isinstance(b64, RawString):
+                b64 = b64.take()
+            if isinstance(b64, str):
+                images.append(decode_b64_image(b64, revised))
             elif isinstance(item.get("url"), str):
                 image = await download_image(client, item["url"], options.max_image_bytes)
                 image.revised_prompt = revised

@@ -3,7 +3,6 @@ failures and HTTP statuses turned into the gateway's errors, and credentials kep
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
@@ -14,6 +13,7 @@ from multidict import CIMultiDictProxy
 
 from service.errors import GatewayError, UpstreamError, UpstreamRejected, UpstreamTimeout
 from workers.providers.base import Deployment
+from workers.providers.json_stream import JsonSplitter
 
 # JSON answers carry base64 images: several 4K pictures fit well below this
 MAX_ANSWER_BYTES = 128 * 1024 * 1024
@@ -57,7 +57,7 @@ class JsonAnswer:
     status: int
     headers: CIMultiDictProxy[str]
     body: Any  # the parsed JSON, None when the answer was not JSON
-    text: str
+    text: str  # the answer as text, its long strings (images) left out
 
 
 class UpstreamClient:
@@ -98,27 +98,31 @@ class UpstreamClient:
             error.retry_after = wait  # the router waits at least this long before calling it again
         return error
 
-    async def post_json(self, url: str, payload: dict[str, Any], headers: dict[str, str]) -> JsonAnswer:
-        return await self._post(url, headers, json=payload)
+    async def post_json(self, url: str, payload: dict[str, Any], headers: dict[str, str], *,
+                        raw_keys: frozenset[str] = frozenset()) -> JsonAnswer:
+        """The JSON answer; its long strings under `raw_keys` (base64 images) are `RawString`s, taken once."""
+        return await self._post(url, headers, raw_keys, json=payload)
 
-    async def post_form(self, url: str, form: aiohttp.FormData, headers: dict[str, str]) -> JsonAnswer:
+    async def post_form(self, url: str, form: aiohttp.FormData, headers: dict[str, str], *,
+                        raw_keys: frozenset[str] = frozenset()) -> JsonAnswer:
         """A multipart body (image edits with their files), answered in JSON like `post_json`."""
-        return await self._post(url, headers, data=form)
+        return await self._post(url, headers, raw_keys, data=form)
 
-    async def _post(self, url: str, headers: dict[str, str], **body: Any) -> JsonAnswer:
+    async def _post(self, url: str, headers: dict[str, str], raw_keys: frozenset[str], **body: Any
+                    ) -> JsonAnswer:
         timeout = aiohttp.ClientTimeout(total=self.deployment.timeout)
         try:
             async with self.http.post(url, headers=headers, timeout=timeout, **body) as resp:
-                raw = await self._read(resp)
+                answer = await self._read(resp)
                 status, answer_headers = resp.status, resp.headers
         except TimeoutError:
             raise self.failure("timeout", f"no answer within {self.deployment.timeout:g} s") from None
         except aiohttp.ClientError as exc:
             raise self.failure("failed", f"could not be reached ({type(exc).__name__}: {exc})",
                                code="upstream_unreachable") from None
-        text = raw.decode("utf-8", "replace")
+        text = answer.text()
         try:
-            parsed = json.loads(text)
+            parsed = answer.parse(raw_keys)
         except ValueError:
             parsed = None
         if parsed is None and status < 400:
@@ -126,17 +130,16 @@ class UpstreamClient:
                                code="bad_upstream_answer")
         return JsonAnswer(status=status, headers=answer_headers, body=parsed, text=text)
 
-    async def _read(self, resp: aiohttp.ClientResponse) -> bytes:
-        """The whole body, refused as soon as it grows past the cap instead of after buffering it all."""
-        chunks, size = [], resp.content_length or 0
-        if size <= MAX_ANSWER_BYTES:
-            size = 0
-            async for chunk in resp.content.iter_chunked(1 << 16):
-                size += len(chunk)
-                if size > MAX_ANSWER_BYTES:
+    async def _read(self, resp: aiohttp.ClientResponse) -> JsonSplitter:
+        """The whole body, split as it arrives, refused as soon as it grows past the cap instead of after
+        buffering it all."""
+        answer = JsonSplitter()
+        if (resp.content_length or 0) <= MAX_ANSWER_BYTES:
+            async for chunk in resp.content.iter_any():
+                if answer.size + len(chunk) > MAX_ANSWER_BYTES:
                     break
-                chunks.append(chunk)
-        if size > MAX_ANSWER_BYTES:
-            raise self.failure("failed", f"the answer is larger than {MAX_ANSWER_BYTES} bytes",
-                               status=resp.status, code="upstream_answer_too_large")
-        return b"".join(chunks)
+                answer.feed(chunk)
+            else:
+                return answer
+        raise self.failure("failed", f"the answer is larger than {MAX_ANSWER_BYTES} bytes",
+                           status=resp.status, code="upstream_answer_too_large")

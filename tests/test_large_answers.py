@@ -1,0 +1,129 @@
+"""Large answers without copies: the upstream answer split as it arrives (long strings set aside), the PNG
+integrity check that replaces a full decode, and the streamed images response."""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+import zlib
+from typing import Any
+
+import pytest
+from PIL import Image
+
+from workers.imaging import decodes, png_is_whole
+from workers.providers.json_stream import LONG_STRING, JsonSplitter, RawString
+
+
+def split(body: bytes, sizes: list[int], raw_keys: frozenset[str] = frozenset()) -> Any:
+    splitter = JsonSplitter()
+    pos = 0
+    for size in sizes:
+        splitter.feed(body[pos:pos + size])
+        pos += size
+    splitter.feed(body[pos:])
+    return splitter.parse(raw_keys)
+
+
+def taken(value: Any) -> Any:
+    if isinstance(value, RawString):
+        return value.take()
+    if isinstance(value, dict):
+        return {key: taken(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [taken(item) for item in value]
+    return value
+
+
+LONG = "A" * LONG_STRING
+ANSWERS: list[Any] = [
+    {"created": 1, "data": [{"b64_json": LONG + "=="}, {"b64_json": "QQ==", "revised_prompt": "a \"cat\"\\"}]},
+    {"data": [{"b64_json": LONG.replace("A", "a/", 100)}], "note": "é ✓ \\\\\" \u0000 " * 3},
+    {"text": "\\" * (LONG_STRING + 1), "more": ["\"" * 5, "\\\"" * LONG_STRING]},
+    [1, 2.5, None, True, {"": ""}],
+]
+
+
+@pytest.mark.parametrize("answer", ANSWERS)
+@pytest.mark.parametrize("escape_slashes", [False, True])
+def test_the_split_answer_parses_as_the_whole_one(answer: Any, escape_slashes: bool) -> None:
+    body = json.dumps(answer, ensure_ascii=False).encode()
+    if escape_slashes:  # as PHP's json_encode and some others write it
+        body = body.replace(b"/", b"\\/")
+    rng = random.Random(len(body))
+    for sizes in ([], [1] * 200, [rng.randint(1, 9000) for _ in range(40)], [len(body) // 2]):
+        assert split(body, sizes) == answer
+        assert taken(split(body, sizes, frozenset({"b64_json", "text"}))) == answer
+
+
+def test_only_long_strings_under_raw_keys_stay_raw() -> None:
+    body = json.dumps({"data": [{"b64_json": LONG, "other": LONG}, {"b64_json": "short"}]}).encode()
+    parsed = split(body, [1000], frozenset({"b64_json"}))
+    raw = parsed["data"][0]["b64_json"]
+    assert isinstance(raw, RawString) and parsed["data"][0]["other"] == LONG
+    assert parsed["data"][1]["b64_json"] == "short"
+    assert raw.take() == LONG
+    with pytest.raises(RuntimeError):
+        raw.take()
+
+
+def test_text_leaves_long_strings_out_and_broken_answers_fail_to_parse() -> None:
+    splitter = JsonSplitter()
+    splitter.feed(b'{"error": {"message": "no"}, "junk": "' + LONG.encode() + b'"}')
+    assert "no" in splitter.text() and LONG not in splitter.text()
+    for broken in (b'{"a": "unterminated', b"<html>Bad gateway</html>", b'{"a": 1'):
+        splitter = JsonSplitter()
+        splitter.feed(broken)
+        with pytest.raises(ValueError):
+            splitter.parse()
+        assert splitter.text() == broken.decode()
+
+
+def png(mode: str, size: tuple[int, int] = (67, 31)) -> bytes:
+    gradient = Image.linear_gradient("L").resize(size)
+    image = gradient.quantize(16) if mode == "P" else gradient.convert(mode)
+    out = io.BytesIO()
+    image.save(out, "PNG")
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("mode", ["1", "L", "LA", "RGB", "RGBA", "I;16"])
+def test_png_check_accepts_whole_pictures_of_every_kind(mode: str) -> None:
+    data = png(mode)
+    assert png_is_whole(data) is True and decodes(data)
+
+
+def test_pngs_the_check_does_not_cover_go_to_pillow() -> None:
+    assert png_is_whole(png("P")) is None and decodes(png("P"))
+    assert png_is_whole(rgb_png(bytes(4 * 25), 8, 4, interlace=1)) is None
+
+
+def test_png_check_refuses_damaged_pictures() -> None:
+    good = png("RGB", (256, 256))
+    zeroed = bytearray(good)
+    zeroed[len(good) // 2:len(good) // 2 + 16] = bytes(16)
+    no_end = good[:-12]
+    for bad in (good[: len(good) // 2], bytes(zeroed), good[:40], no_end):
+        assert png_is_whole(bad) is False and not decodes(bad)
+
+
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    return len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big")
+
+
+def rgb_png(rows: bytes, width: int, height: int, interlace: int = 0) -> bytes:
+    header = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([8, 2, 0, 0, interlace])
+    return (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", header) + png_chunk(b"IDAT", zlib.compress(rows))
+            + png_chunk(b"IEND", b""))
+
+
+def test_png_check_refuses_a_bad_filter_type_behind_valid_checksums() -> None:
+    """Every checksum right, one row's filter type 9: the pixels do not decode."""
+    width, height = 8, 4
+    rows = [bytes([0]) + bytes(range(width * 3)) for _ in range(height)]
+    assert png_is_whole(rgb_png(b"".join(rows), width, height)) is True
+    rows[2] = bytes([9]) + rows[2][1:]
+    bad = rgb_png(b"".join(rows), width, height)
+    assert png_is_whole(bad) is False and not decodes(bad)
+    assert png_is_whole(rgb_png(b"".join(rows[:3]), width, height)) is False  # a row short
