@@ -77,15 +77,16 @@ class Lifecycle:
         return record
 
     async def succeed(self, record: JobRecord, result: StoredResult) -> JobRecord | None:
-        """running -> succeeded; None if the job was cancelled meanwhile."""
-        return await self._end(record, RUNNING, succeeded_fields(result))
+        """running -> succeeded; None if the job was cancelled meanwhile. The record given back (and to the
+        requests waiting here) holds `result` itself: the images a `HeldResult` holds answer them."""
+        return await self._end(record, RUNNING, succeeded_fields(result), result)
 
     async def fail(self, record: JobRecord, failure: JobFailure) -> JobRecord | None:
         """queued or running -> failed; None if the job had already ended."""
         return await self._end(record, ACTIVE, failed_fields(failure))
 
-    async def _end(self, record: JobRecord, allowed: frozenset[JobStatus], fields: dict[str, Any]
-                   ) -> JobRecord | None:
+    async def _end(self, record: JobRecord, allowed: frozenset[JobStatus], fields: dict[str, Any],
+                   result: StoredResult | None = None) -> JobRecord | None:
         """The terminal transition, the job's settlement (before the announcement: a client told "done" has
         its slot back) and the terminal event, together or not at all."""
         ending = JobRecord.model_validate({**record.model_dump(), **fields})  # what the transition will leave
@@ -97,5 +98,7 @@ class Lifecycle:
         )
         done = JobStore.transitioned(replies[0])
         if done is not None:
+            if result is not None:
+                done.result = result  # equal to the stored one, and maybe holding its images (never persisted)
             await self.publisher.published(announcement, ended=done)
         return done

@@ -3,29 +3,62 @@
 from __future__ import annotations
 
 import base64
+import secrets
+from dataclasses import dataclass
+
+from pydantic import PrivateAttr
 
 from service.errors import GatewayError, InternalError, from_dict
-from service.jobs import JobRecord
+from service.jobs import JobRecord, StoredResult
 from service.schemas import ErrorBody, ImageData, ImagesResponse, Job
 from service.storage import Storage
 
 
-async def render_result(record: JobRecord, storage: Storage) -> ImagesResponse | None:
+class HeldResult(StoredResult):
+    """A result whose images a job run in this process still holds: its answer is made from them instead of
+    reading back what was just stored. The bytes are a private attribute, never persisted or published."""
+
+    _data: list[bytes] = PrivateAttr(default_factory=list)
+
+    def holding(self, data: list[bytes]) -> HeldResult:
+        """This result, holding `data`: the bytes of its images, in order."""
+        self._data = data
+        return self
+
+    @property
+    def data(self) -> list[bytes]:
+        return self._data
+
+
+@dataclass
+class ImagesAnswer:
+    """An images response whose b64_json values are all `mark`, each standing for the base64 of the next of
+    `images`: the caller encodes them as it writes, so the whole answer never exists as one string."""
+
+    response: ImagesResponse
+    mark: str
+    images: list[bytes]
+
+
+async def render_answer(record: JobRecord, storage: Storage) -> ImagesAnswer | None:
     """The finished job's answer in the format the client asked for (b64_json or signed url)."""
     stored = record.result
     if stored is None:
         return None
-    data = []
-    for image in stored.images:
+    held = stored.data if isinstance(stored, HeldResult) else None
+    mark = secrets.token_hex(16)  # random: no revised prompt can hold it
+    data, images = [], []
+    for index, image in enumerate(stored.images):
         if record.spec.response_format == "url":
             data.append(ImageData(url=await storage.public_url(image.name, record.base_url),
                                   revised_prompt=image.revised_prompt))
             continue
-        raw = await storage.get(image.name)
+        raw = held[index] if held is not None else await storage.get(image.name)
         if raw is None:
             raise InternalError(f"the images of job {record.id} are no longer stored", code="result_expired")
-        data.append(ImageData(b64_json=base64.b64encode(raw).decode(), revised_prompt=image.revised_prompt))
-    return ImagesResponse(
+        images.append(raw)
+        data.append(ImageData(b64_json=mark, revised_prompt=image.revised_prompt))
+    response = ImagesResponse(
         created=stored.created,
         data=data,
         background=stored.background,
@@ -34,6 +67,19 @@ async def render_result(record: JobRecord, storage: Storage) -> ImagesResponse |
         quality=stored.quality,
         usage=stored.usage,
     )
+    return ImagesAnswer(response, mark, images)
+
+
+async def render_result(record: JobRecord, storage: Storage) -> ImagesResponse | None:
+    """The answer as one model, its images encoded in it: for answers that embed it (job objects, chat)."""
+    answer = await render_answer(record, storage)
+    if answer is None:
+        return None
+    images = iter(answer.images)
+    for item in answer.response.data:
+        if item.b64_json is not None:
+            item.b64_json = base64.b64encode(next(images)).decode()
+    return answer.response
 
 
 def job_error(record: JobRecord) -> GatewayError:

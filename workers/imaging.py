@@ -103,8 +103,9 @@ def _png_rows(header: bytes) -> tuple[int, int] | None:
         return None
     width, height, depth, colour, compression, filtering, interlace = struct.unpack(">IIBBBBB", header)
     channels = PNG_CHANNELS.get(colour)
+    limit = Image.MAX_IMAGE_PIXELS  # Pillow refuses twice this as a decompression bomb; so does this check
     if (channels is None or interlace or compression or filtering or depth not in (1, 2, 4, 8, 16)
-            or not 0 < width * height <= 2 * Image.MAX_IMAGE_PIXELS):
+            or not width * height or (limit is not None and width * height > 2 * limit)):
         return None
     row_size = 1 + (width * channels * depth + 7) // 8
     return row_size, row_size * height

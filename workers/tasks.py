@@ -10,6 +10,7 @@ from typing import Any
 from service.errors import GatewayError, InternalError, UpstreamTimeout
 from service.jobs import JobFailure, JobRecord, StoredImage, StoredResult
 from service.logs import JOB_ID
+from service.results import HeldResult
 from service.storage import image_name
 from workers.imaging import convert, image_size
 from workers.providers.base import ImageRequest, InputImage
@@ -135,9 +136,11 @@ async def load_request(res: WorkerResources, record: JobRecord) -> ImageRequest:
     return ImageRequest(spec=spec, images=loaded, mask=mask)
 
 
-async def store_images(res: WorkerResources, record: JobRecord, routed: RoutedResult) -> StoredResult:
+async def store_images(res: WorkerResources, record: JobRecord, routed: RoutedResult) -> HeldResult:
+    """Every image stored before the job may succeed (pollers and url answers read them there), and held on
+    to for an answer made in this process."""
     spec = record.spec
-    images = []
+    images, held = [], []
     for index, image in enumerate(routed.result.images):
         data = image.data
         if image.format != spec.output_format:
@@ -145,7 +148,8 @@ async def store_images(res: WorkerResources, record: JobRecord, routed: RoutedRe
         name = image_name(record.id, index, spec.output_format)
         await res.storage.put(name, data)
         images.append(StoredImage(name=name, revised_prompt=image.revised_prompt))
-    return StoredResult(
+        held.append(data)
+    return HeldResult(
         created=int(time.time()),
         images=images,
         size=routed.result.size or (image_size(routed.result.images[0].data) if routed.result.images else None),
@@ -154,7 +158,7 @@ async def store_images(res: WorkerResources, record: JobRecord, routed: RoutedRe
         output_format=spec.output_format,
         usage=routed.result.usage,
         provider=routed.deployment.provider,
-    )
+    ).holding(held)
 
 
 async def finish_succeeded(res: WorkerResources, record: JobRecord, result: StoredResult) -> JobRecord | None:

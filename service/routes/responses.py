@@ -2,15 +2,45 @@
 
 from __future__ import annotations
 
+import binascii
+from collections.abc import Sequence
+
 from aiohttp import web
 from pydantic import BaseModel
 
 from service.state import SETTINGS
 
+# raw bytes base64-encoded per write: whole 3-byte groups, 1 MiB of text
+B64_STEP = 3 * 256 * 1024
+
 
 def model_response(model: BaseModel, *, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
     return web.Response(body=model.model_dump_json(exclude_none=True), status=status, headers=headers,
                         content_type="application/json")
+
+
+async def spliced_response(request: web.Request, model: BaseModel, mark: str, payloads: Sequence[bytes]
+                           ) -> web.StreamResponse:
+    """`model` as `model_response` writes it, with its string values `mark` replaced in order by the base64 of
+    `payloads`, encoded and written a step at a time: the answer never exists whole, its length is known."""
+    parts = model.model_dump_json(exclude_none=True).encode().split(mark.encode())
+    if len(parts) != len(payloads) + 1:
+        raise ValueError(f"{len(parts) - 1} marks for {len(payloads)} payloads")
+    response = web.StreamResponse()
+    response.content_type, response.charset = "application/json", "utf-8"
+    response.content_length = sum(map(len, parts)) + sum(4 * ((len(p) + 2) // 3) for p in payloads)
+    await response.prepare(request)
+    try:
+        for part, payload in zip(parts, payloads, strict=False):
+            await response.write(part)
+            view = memoryview(payload)
+            for start in range(0, len(view), B64_STEP):
+                await response.write(binascii.b2a_base64(view[start:start + B64_STEP], newline=False))
+        await response.write(parts[-1])
+        await response.write_eof()
+    except ConnectionResetError:  # the client went away: nothing left to answer
+        pass
+    return response
 
 
 def base_url(request: web.Request) -> str:

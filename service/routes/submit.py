@@ -10,8 +10,8 @@ from service.errors import InvalidRequest, NotFound, UpstreamTimeout
 from service.idempotency import idempotency_claim
 from service.jobs import JobRecord, new_job_id
 from service.models import PROVIDER_CAPABILITIES, FamilyRules, family_rules
-from service.results import job_error, render_job, render_result
-from service.routes.responses import base_url, model_response, wants_async
+from service.results import job_error, render_answer, render_job
+from service.routes.responses import base_url, model_response, spliced_response, wants_async
 from service.schemas import ImageSpec
 from service.state import CONFIG, DISPATCHER, HUB, SETTINGS, STORAGE, principal
 from service.storage import Storage, input_name, mask_name
@@ -82,9 +82,9 @@ async def answer(request: web.Request, spec: ImageSpec, inputs: EditInputs | Non
                               headers={"Location": f"/v1/images/jobs/{record.id}"})
     if done.status != "succeeded":
         raise job_error(done)
-    result = await render_result(done, storage)
+    result = await render_answer(done, storage)
     assert result is not None
-    return model_response(result)
+    return await spliced_response(request, result.response, result.mark, result.images)
 
 
 async def run_to_end(request: web.Request, spec: ImageSpec, inputs: EditInputs | None = None) -> JobRecord:
