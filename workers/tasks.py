@@ -145,10 +145,11 @@ async def store_images(res: WorkerResources, record: JobRecord, routed: RoutedRe
         data = image.data
         if image.format != spec.output_format:
             data = await asyncio.to_thread(convert, data, spec.output_format, spec.output_compression)
-        name = image_name(record.id, index, spec.output_format)
-        await res.storage.put(name, data)
-        images.append(StoredImage(name=name, revised_prompt=image.revised_prompt))
+        images.append(StoredImage(name=image_name(record.id, index, spec.output_format),
+                                  revised_prompt=image.revised_prompt))
         held.append(data)
+    # side by side: large files are written from threads, and an object store takes parallel uploads
+    await asyncio.gather(*(res.storage.put(image.name, data) for image, data in zip(images, held, strict=True)))
     return HeldResult(
         created=int(time.time()),
         images=images,
