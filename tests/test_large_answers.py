@@ -3,15 +3,24 @@ integrity check that replaces a full decode, and the streamed images response.""
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import random
 import zlib
-from typing import Any
+from typing import Any, cast
 
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
 from PIL import Image
 
+from service.results import HeldResult, render_answer, render_result
+from service.routes.responses import model_response, spliced_response
+from service.schemas import ImageData, ImagesResponse
+from service.state import DISPATCHER, STORAGE
+from service.storage import Storage
+from tests.conftest import Gateway
 from workers.imaging import decodes, png_is_whole
 from workers.providers.json_stream import LONG_STRING, JsonSplitter, RawString
 
@@ -127,3 +136,49 @@ def test_png_check_refuses_a_bad_filter_type_behind_valid_checksums() -> None:
     bad = rgb_png(b"".join(rows), width, height)
     assert png_is_whole(bad) is False and not decodes(bad)
     assert png_is_whole(rgb_png(b"".join(rows[:3]), width, height)) is False  # a row short
+
+
+async def test_spliced_response_writes_what_model_response_writes() -> None:
+    mark = "5f3c" * 8
+    payloads = [bytes(range(256)) * 7, b"", b"x", b"xy", png("RGB")]
+    model = ImagesResponse(created=1, data=[ImageData(b64_json=mark, revised_prompt='a "cat" é ✓\n')
+                                            for _ in payloads], usage={"total_tokens": 3}, size="64x64")
+    whole = model.model_copy(deep=True)
+    for item, payload in zip(whole.data, payloads, strict=True):
+        item.b64_json = base64.b64encode(payload).decode()
+
+    async def spliced(request: web.Request) -> web.StreamResponse:
+        return await spliced_response(request, model, mark, payloads)
+
+    async def plain(request: web.Request) -> web.StreamResponse:
+        return model_response(whole)
+
+    app = web.Application()
+    app.router.add_get("/spliced", spliced)
+    app.router.add_get("/plain", plain)
+    async with TestClient(TestServer(app)) as client:
+        answers = [await client.get(path) for path in ("/spliced", "/plain")]
+        bodies = [await answer.read() for answer in answers]
+    assert bodies[0] == bodies[1]
+    assert answers[0].headers["Content-Type"] == answers[1].headers["Content-Type"]
+    assert answers[0].headers["Content-Length"] == str(len(bodies[1]))
+
+
+async def test_an_answer_is_made_from_held_images_without_reading_them_back(gateway: Gateway) -> None:
+    result = await gateway.client().images.generate(prompt="two lighthouses", n=2, size="256x256")
+    job_id = next((gateway.settings.data_dir / "files").iterdir()).name
+    record = await gateway.app[DISPATCHER].store.get(job_id)
+    assert record is not None and record.result is not None
+    stored = [base64.b64decode(item.b64_json or "") for item in result.data or []]
+    held = HeldResult(**dict(record.result)).holding([b"held " + data for data in stored])
+
+    class NoReads:
+        async def get(self, name: str) -> bytes | None:
+            raise AssertionError(f"{name} was read back")
+
+    answer = await render_answer(record.model_copy(update={"result": held}), cast(Storage, NoReads()))
+    assert answer is not None and answer.images == held.data
+    assert [item.b64_json for item in answer.response.data] == [answer.mark] * 2
+    # read back when nothing is held: what pollers and other front ends get
+    again = await render_result(record, gateway.app[STORAGE])
+    assert again is not None and [item.b64_json for item in again.data] == [item.b64_json for item in result.data or []]

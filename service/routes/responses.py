@@ -27,7 +27,7 @@ async def spliced_response(request: web.Request, model: BaseModel, mark: str, pa
     if len(parts) != len(payloads) + 1:
         raise ValueError(f"{len(parts) - 1} marks for {len(payloads)} payloads")
     response = web.StreamResponse()
-    response.content_type, response.charset = "application/json", "utf-8"
+    response.content_type = "application/json"
     response.content_length = sum(map(len, parts)) + sum(4 * ((len(p) + 2) // 3) for p in payloads)
     await response.prepare(request)
     try:
