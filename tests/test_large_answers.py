@@ -138,6 +138,19 @@ def test_png_check_refuses_a_bad_filter_type_behind_valid_checksums() -> None:
     assert png_is_whole(rgb_png(b"".join(rows[:3]), width, height)) is False  # a row short
 
 
+def test_png_check_refuses_broken_pixel_data_behind_valid_checksums() -> None:
+    """Chunk CRCs written over a damaged zlib stream (an encoder's fault, not the transport's)."""
+    good = png("RGB", (256, 256))
+    start = good.index(b"IDAT") + 4
+    length = int.from_bytes(good[start - 8:start - 4], "big")
+    pixels = bytearray(good[start:start + length])
+    for at in (len(pixels) // 2, len(pixels) - 2):  # inside the deflate blocks; in the Adler-32
+        damaged = bytearray(pixels)
+        damaged[at] ^= 0x55
+        bad = good[:start - 8] + png_chunk(b"IDAT", bytes(damaged)) + good[start + length + 4:]
+        assert png_is_whole(bad) is False and not decodes(bad)
+
+
 async def test_spliced_response_writes_what_model_response_writes() -> None:
     mark = "5f3c" * 8
     payloads = [bytes(range(256)) * 7, b"", b"x", b"xy", png("RGB")]

@@ -83,7 +83,10 @@ def png_is_whole(data: bytes) -> bool | None:
             row_size, expected = rows
             chunk: bytes | memoryview = view[pos + 8:end]
             while chunk:
-                out = inflater.decompress(chunk, INFLATE_STEP)
+                try:
+                    out = inflater.decompress(chunk, INFLATE_STEP)
+                except zlib.error:  # not deflate data, or an Adler-32 that does not match the pixels
+                    return False
                 # each row opens with its filter type, 0 to 4
                 if out[-inflated % row_size::row_size].translate(None, PNG_FILTERS):
                     return False
