@@ -184,7 +184,7 @@ class Router:
     @staticmethod
     async def _check_images(deployment: Deployment, result: ProviderResult) -> None:
         """A truncated or corrupt image is the upstream's failure (worth another try), never a result. The
-        images are checked side by side: the check inflates their pixels outside the GIL."""
+        images are checked side by side, in threads: inflating their pixels releases the GIL."""
         whole = await asyncio.gather(*(asyncio.to_thread(decodes, image.data) for image in result.images))
         for index, ok in enumerate(whole):
             if not ok:

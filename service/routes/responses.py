@@ -31,7 +31,7 @@ async def spliced_response(request: web.Request, model: BaseModel, mark: str, pa
     response.content_length = sum(map(len, parts)) + sum(4 * ((len(p) + 2) // 3) for p in payloads)
     await response.prepare(request)
     try:
-        for part, payload in zip(parts, payloads, strict=False):
+        for part, payload in zip(parts[:-1], payloads, strict=True):
             await response.write(part)
             view = memoryview(payload)
             for start in range(0, len(view), B64_STEP):

@@ -1,5 +1,6 @@
 """Reading a JSON answer as it arrives with its long strings (base64 images) set aside as raw bytes: the
-answer is never held whole, neither as bytes nor as text, and each long string is copied once."""
+answer is never held whole, neither as bytes nor as text, and no image is ever parsed into a Python string
+alongside its raw bytes."""
 
 from __future__ import annotations
 
