@@ -15,6 +15,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from PIL import Image
 
+from service.errors import UpstreamError
 from service.results import HeldResult, render_answer, render_result
 from service.routes.responses import model_response, spliced_response
 from service.schemas import ImageData, ImagesResponse
@@ -22,6 +23,7 @@ from service.state import DISPATCHER, STORAGE
 from service.storage import Storage
 from tests.conftest import Gateway
 from workers.imaging import decodes, png_is_whole
+from workers.providers.base import decode_b64_image
 from workers.providers.json_stream import LONG_STRING, JsonSplitter, RawString
 
 
@@ -37,7 +39,7 @@ def split(body: bytes, sizes: list[int], raw_keys: frozenset[str] = frozenset())
 
 def taken(value: Any) -> Any:
     if isinstance(value, RawString):
-        return value.take()
+        return value.take().decode()
     if isinstance(value, dict):
         return {key: taken(item) for key, item in value.items()}
     if isinstance(value, list):
@@ -72,7 +74,7 @@ def test_only_long_strings_under_raw_keys_stay_raw() -> None:
     raw = parsed["data"][0]["b64_json"]
     assert isinstance(raw, RawString) and parsed["data"][0]["other"] == LONG
     assert parsed["data"][1]["b64_json"] == "short"
-    assert raw.take() == LONG
+    assert raw.take() == LONG.encode()
     with pytest.raises(RuntimeError):
         raw.take()
 
@@ -195,3 +197,14 @@ async def test_an_answer_is_made_from_held_images_without_reading_them_back(gate
     # read back when nothing is held: what pollers and other front ends get
     again = await render_result(record, gateway.app[STORAGE])
     assert again is not None and [item.b64_json for item in again.data] == [item.b64_json for item in result.data or []]
+
+
+def test_base64_images_decode_alike_from_text_and_from_bytes() -> None:
+    data = png("RGB")
+    text = base64.b64encode(data).decode()
+    for value in (text, text.encode(), f"data:image/png;base64,{text}", f"data:image/png;base64,{text}".encode()):
+        image = decode_b64_image(value)
+        assert image.data == data and image.format == "png"
+    for broken in (text[:-1], text + "!", "é" + text, b"QQ==QQ==", b"data:image/png;base64,@@@@"):
+        with pytest.raises(UpstreamError):
+            decode_b64_image(broken)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import binascii
 import builtins
 from abc import ABC, abstractmethod
@@ -156,12 +155,14 @@ def sniff_format(data: bytes) -> str:
     raise UpstreamError("the upstream returned data that is not a PNG, JPEG or WEBP image", code="bad_upstream_image")
 
 
-def decode_b64_image(value: str, revised_prompt: str | None = None) -> GeneratedImage:
-    """An image from base64 or a `data:image/...;base64,` URL."""
-    if value.startswith("data:"):
-        value = value.partition(",")[2]
+def decode_b64_image(value: str | bytes, revised_prompt: str | None = None) -> GeneratedImage:
+    """An image from base64 or a `data:image/...;base64,` URL, as text or as the bytes of that text (a large
+    answer's image, never turned into a str)."""
     try:
-        data = base64.b64decode(value, validate=True)
+        raw = value.encode() if isinstance(value, str) else value
+        if raw.startswith(b"data:"):
+            raw = raw.partition(b",")[2]
+        data = binascii.a2b_base64(raw, strict_mode=True)
     except (binascii.Error, ValueError):
         raise UpstreamError("the upstream returned invalid base64 image data", code="bad_upstream_image") from None
     return GeneratedImage(data=data, format=sniff_format(data), revised_prompt=revised_prompt)

@@ -19,15 +19,16 @@ class RawString:
     def __init__(self, raw: bytes) -> None:
         self._raw: bytes | None = raw
 
-    def take(self) -> str:
-        """The string's value; the bytes are let go, so an answer kept for its other fields holds no image."""
+    def take(self) -> bytes:
+        """The string's value in UTF-8, with no copy unless it has JSON escapes; the bytes are let go, so an
+        answer kept for its other fields holds no image."""
         raw, self._raw = self._raw, None
         if raw is None:
             raise RuntimeError("a long answer string was taken twice")
         if BACKSLASH in raw:  # JSON escapes (`\/` from some encoders): decode as the JSON parser would
             value: str = json.loads(b'"' + raw + b'"')
-            return value
-        return raw.decode()
+            return value.encode()
+        return raw
 
 
 class JsonSplitter:
@@ -41,11 +42,12 @@ class JsonSplitter:
         self.mark = f"\0{secrets.token_hex(8)}:"  # an answer cannot forge it: random, and \0 is never raw JSON
         self.size = 0
         self._inside = False  # within a string
-        self._pieces: list[bytes] = []  # the current string's bytes so far
+        self._pieces: list[memoryview] = []  # the current string's bytes so far, not copied until it ends
         self._odd_backslashes = False  # the current string so far ends in an odd run of backslashes
 
     def feed(self, chunk: bytes) -> None:
         self.size += len(chunk)
+        view = memoryview(chunk)
         pos = 0
         while pos < len(chunk):
             if not self._inside:
@@ -59,9 +61,9 @@ class JsonSplitter:
                 continue
             quote = self._closing_quote(chunk, pos)
             if quote < 0:
-                self._add(chunk[pos:])
+                self._add(view[pos:])
                 return
-            self._add(chunk[pos:quote])
+            self._add(view[pos:quote])
             self._end_string()
             pos = quote + 1
 
@@ -78,10 +80,12 @@ class JsonSplitter:
             quote = chunk.find(QUOTE, quote + 1)
         return -1
 
-    def _add(self, piece: bytes) -> None:
+    def _add(self, piece: memoryview) -> None:
         if not piece:
             return
-        run = len(piece) - len(piece.rstrip(b"\\"))
+        run = 0
+        while run < len(piece) and piece[-1 - run] == BACKSLASH:
+            run += 1
         self._odd_backslashes = (run + (self._odd_backslashes if run == len(piece) else 0)) % 2 == 1
         self._pieces.append(piece)
 
@@ -110,7 +114,7 @@ class JsonSplitter:
     def _restore(self, value: Any, raw_keys: frozenset[str], key: str | None) -> Any:
         if isinstance(value, str) and value.startswith(self.mark):
             raw = self.long[value]
-            return raw if key in raw_keys else raw.take()
+            return raw if key in raw_keys else raw.take().decode()
         if isinstance(value, dict):
             return {name: self._restore(item, raw_keys, name) for name, item in value.items()}
         if isinstance(value, list):

@@ -241,8 +241,8 @@ class OpenAIProvider(Provider):
             b64 = item.get("b64_json")
             if isinstance(b64, RawString):
                 b64 = b64.take()
-            if isinstance(b64, str):
-                # on the loop (~7 ms for a 4 MB image): from a thread, a 10-image answer peaked ~45 MiB higher
+            if isinstance(b64, str | bytes):
+                # on the loop (~6 ms for a 4 MB image): from a thread, a 10-image answer peaked ~45 MiB higher
                 images.append(decode_b64_image(b64, revised))
             elif isinstance(item.get("url"), str):
                 image = await download_image(client, item["url"], options.max_image_bytes)
