@@ -24,7 +24,7 @@ from service.storage import Storage
 from tests.conftest import Gateway
 from workers.imaging import decodes, png_is_whole
 from workers.providers.base import decode_b64_image
-from workers.providers.json_stream import LONG_STRING, JsonSplitter, RawString
+from workers.providers.json_stream import LONG_STRING, MAX_SPLIT_STRINGS, JsonSplitter, RawString
 
 
 def split(body: bytes, sizes: list[int], raw_keys: frozenset[str] = frozenset()) -> Any:
@@ -66,6 +66,12 @@ def test_the_split_answer_parses_as_the_whole_one(answer: Any, escape_slashes: b
     for sizes in ([], [1] * 200, [rng.randint(1, 9000) for _ in range(40)], [len(body) // 2]):
         assert split(body, sizes) == answer
         assert taken(split(body, sizes, frozenset({"b64_json", "text"}))) == answer
+
+
+def test_an_answer_of_many_strings_is_split_only_so_far() -> None:
+    answer = {"many": ["x"] * (MAX_SPLIT_STRINGS + 10), "data": [{"b64_json": LONG}]}
+    parsed = split(json.dumps(answer).encode(), [5000] * 20, frozenset({"b64_json"}))
+    assert parsed == answer  # the image after the limit comes back as a plain string
 
 
 def test_only_long_strings_under_raw_keys_stay_raw() -> None:

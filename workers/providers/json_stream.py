@@ -10,6 +10,9 @@ from typing import Any
 
 # strings at least this long (base64 images, not messages or URLs) are kept out of the parsed answer
 LONG_STRING = 64 * 1024
+# past this many strings, the rest of the answer is kept as it comes: each string costs a turn of a Python
+# loop, and an answer of millions of tiny strings must not cost more than parsing it does
+MAX_SPLIT_STRINGS = 10_000
 QUOTE, BACKSLASH = b'"', 0x5C
 
 
@@ -41,6 +44,7 @@ class JsonSplitter:
         self.long: dict[str, RawString] = {}
         self.mark = f"\0{secrets.token_hex(8)}:"  # an answer cannot forge it: random, and \0 is never raw JSON
         self.size = 0
+        self._strings = 0
         self._inside = False  # within a string
         self._pieces: list[memoryview] = []  # the current string's bytes so far, not copied until it ends
         self._odd_backslashes = False  # the current string so far ends in an odd run of backslashes
@@ -51,7 +55,7 @@ class JsonSplitter:
         pos = 0
         while pos < len(chunk):
             if not self._inside:
-                quote = chunk.find(QUOTE, pos)
+                quote = chunk.find(QUOTE, pos) if self._strings < MAX_SPLIT_STRINGS else -1
                 if quote < 0:
                     self.small += chunk[pos:]
                     return
@@ -92,6 +96,7 @@ class JsonSplitter:
     def _end_string(self) -> None:
         raw = b"".join(self._pieces)
         self._inside, self._pieces = False, []
+        self._strings += 1
         if len(raw) < LONG_STRING:
             self.small += b'"' + raw + b'"'
             return
@@ -109,7 +114,8 @@ class JsonSplitter:
         `raw_keys` stays a `RawString`, the others are put back as they were."""
         if self._inside:
             raise ValueError("the answer ends inside a string")
-        return self._restore(json.loads(self.small), raw_keys, None)
+        parsed = json.loads(self.small)
+        return self._restore(parsed, raw_keys, None) if self.long else parsed
 
     def _restore(self, value: Any, raw_keys: frozenset[str], key: str | None) -> Any:
         if isinstance(value, str) and value.startswith(self.mark):
