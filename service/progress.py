@@ -31,6 +31,7 @@ from service.constants import (
 from service.errors import NotFound
 from service.jobs import JobRecord, JobStore
 from service.results import render_result
+from service.socketio_server import SocketIOServer
 from service.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -117,7 +118,7 @@ class ProgressHub:
     def __init__(self, store: JobStore, storage: Storage) -> None:
         self.store = store
         self.storage = storage
-        self.sio: socketio.AsyncServer | None = None
+        self.sio: SocketIOServer | None = None
         self.subscribers: dict[str, dict[str, _Subscriber]] = {}
         self.waiters: dict[str, set[asyncio.Future[JobRecord | None]]] = {}
         self.listeners: dict[str, set[asyncio.Queue[JobEvent]]] = {}
@@ -251,9 +252,8 @@ class ProgressHub:
                               "error": error}
 
     async def _send(self, event: str, data: dict[str, Any], sids: list[str]) -> None:
-        """One emit for all of `sids` (each sid is its own room): the packet is encoded once, not per subscriber."""
         if self.sio is not None and sids:
-            await self.sio.emit(event, data, to=sids, namespace=PROGRESS_NAMESPACE, ignore_queue=True)
+            await self.sio.fan_out(event, data, sids, PROGRESS_NAMESPACE)
 
 
 Authenticator = Callable[[str | None], Awaitable[str | None]]

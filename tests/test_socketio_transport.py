@@ -1,0 +1,90 @@
+"""The Socket.IO transport under /image-progress: polling, the upgrade to WebSocket, and a subscriber that stops
+reading while events keep coming."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import aiohttp
+import pytest
+
+from service.constants import EVENT_PARTIAL_IMAGE, EVENT_PROGRESS, PROGRESS_NAMESPACE
+from service.state import HUB
+from tests.conftest import GatewayFactory
+from tests.test_jobs import Subscriber, assert_monotonic_then_completed, keyed_config, submit
+
+NS = PROGRESS_NAMESPACE
+
+
+@pytest.mark.parametrize("transports", [None, ["polling"]], ids=["polling-then-websocket", "polling-only"])
+async def test_official_client_on_polling_and_after_the_upgrade(gateway_factory: GatewayFactory,
+                                                                http: aiohttp.ClientSession,
+                                                                transports: list[str] | None) -> None:
+    gw = await gateway_factory(config=keyed_config())
+    sub = Subscriber(gw.url, "sk-alice")
+    await sub.client.connect(gw.url, namespaces=[NS], auth={"api_key": "sk-alice"}, transports=transports)
+    try:
+        job = await submit(http, gw)
+        assert (await sub.subscribe(job["id"]))["job_id"] == job["id"]
+        events = await sub.wait(job["id"])
+        assert_monotonic_then_completed(events)
+        assert sub.client.transport() == (transports or ["websocket"])[-1]
+    finally:
+        await sub.client.disconnect()
+
+
+class RawSubscriber:
+    """Engine.IO v4 / Socket.IO v5 over one WebSocket, reading only when asked to."""
+
+    def __init__(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        self.ws = ws
+
+    @classmethod
+    async def connect(cls, http: aiohttp.ClientSession, url: str, key: str, job_id: str) -> RawSubscriber:
+        sub = cls(await http.ws_connect(f"{url}/socket.io/?EIO=4&transport=websocket"))
+        assert (await sub.ws.receive_str()).startswith("0{")
+        await sub.ws.send_str(f"40{NS},{json.dumps({'api_key': key})}")
+        assert (await sub.ws.receive_str()).startswith(f"40{NS},")
+        await sub.ws.send_str(f"42{NS},1{json.dumps(['subscribe', {'job_id': job_id}])}")
+        while not (await sub.ws.receive_str()).startswith(f"43{NS},1"):
+            pass  # the snapshot comes before the acknowledgement
+        return sub
+
+    async def events(self, count: int) -> list[tuple[str, dict[str, Any]]]:
+        received = []
+        while len(received) < count:
+            text = await self.ws.receive_str(timeout=10)
+            if text.startswith(f"42{NS},"):
+                received.append(tuple(json.loads(text[len(NS) + 3:])))
+        return received
+
+
+async def test_a_subscriber_that_stops_reading_holds_up_nobody(gateway_factory: GatewayFactory, redis_url: str,
+                                                               http: aiohttp.ClientSession) -> None:
+    gw = await gateway_factory(config=keyed_config(), redis_url=redis_url)  # no worker: the job stays queued
+    hub = gw.app[HUB]
+    job_id = (await submit(http, gw))["id"]
+    stalled = await RawSubscriber.connect(http, gw.url, "sk-alice", job_id)
+    reading = await RawSubscriber.connect(http, gw.url, "sk-alice", job_id)
+    image = "A" * 256 * 1024
+    rounds = 64  # 16 MiB for a client that reads nothing: more than the socket buffers hold
+
+    started = time.monotonic()
+    for i in range(rounds):
+        await hub.deliver(job_id, EVENT_PARTIAL_IMAGE, {"job_id": job_id, "partial_image_index": i,
+                                                        "b64_json": image})
+        await hub.deliver(job_id, EVENT_PROGRESS, {"job_id": job_id, "progress": i, "status": "running",
+                                                   "stage": f"step {i}"})
+        assert [data["progress"] for _, data in await reading.events(2) if "progress" in data] == [i]
+    assert time.monotonic() - started < 10
+
+    # the stalled client gets everything, in order, once it reads again
+    events = await stalled.events(2 * rounds)
+    assert [data.get("partial_image_index", data.get("progress")) for _, data in events] == [
+        i for i in range(rounds) for _ in range(2)]
+    assert [name for name, _ in events] == [EVENT_PARTIAL_IMAGE, EVENT_PROGRESS] * rounds
+    assert all(data["b64_json"] == image for name, data in events if name == EVENT_PARTIAL_IMAGE)
+    await stalled.ws.close()
+    await reading.ws.close()
