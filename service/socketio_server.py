@@ -39,6 +39,11 @@ class DirectSocket(AsyncSocket):  # type: ignore[misc]
         elif await self.check_ping_timeout():
             await self.write(pkt.encode())
 
+    async def close(self, wait: bool = True, abort: bool = False, reason: str | None = None) -> None:
+        await super().close(wait=wait, abort=abort, reason=reason)
+        if self.ws is None:
+            self.queue.put_nowait(None)  # answers a pending long poll now, not at its timeout
+
     async def write(self, data: Data) -> None:
         if self.transport is None or self.transport.is_closing():
             return  # the connection is going: the reader loop ends the socket

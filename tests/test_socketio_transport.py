@@ -11,7 +11,7 @@ import aiohttp
 import pytest
 
 from service.constants import EVENT_PARTIAL_IMAGE, EVENT_PROGRESS, PROGRESS_NAMESPACE
-from service.state import HUB
+from service.state import HUB, SIO
 from tests.conftest import GatewayFactory
 from tests.test_jobs import Subscriber, assert_monotonic_then_completed, keyed_config, submit
 
@@ -79,6 +79,8 @@ async def test_a_subscriber_that_stops_reading_holds_up_nobody(gateway_factory: 
                                                    "stage": f"step {i}"})
         assert [data["progress"] for _, data in await reading.events(2) if "progress" in data] == [i]
     assert time.monotonic() - started < 10
+    behind = [s for s in gw.app[SIO].eio.sockets.values() if s.drainer is not None]
+    assert len(behind) == 1  # the stalled client did fall behind: its packets wait in its own backlog
 
     # the stalled client gets everything, in order, once it reads again
     events = await stalled.events(2 * rounds)
