@@ -12,6 +12,7 @@ as before.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import deque
 from collections.abc import Iterable
 from typing import Any
@@ -27,7 +28,9 @@ Data = str | bytes
 class DirectSocket(AsyncSocket):  # type: ignore[misc]
     """An Engine.IO socket whose WebSocket transport has no writer task while the client keeps up."""
 
-    connected: bool
+    connected: bool  # engineio's attributes this class uses
+    last_ping: float | None
+    queue: Any  # engineio's packet queue; None once the socket writes directly
     ws: Any = None  # engineio's WebSocket wrapper, once this socket writes to it directly
     transport: asyncio.WriteTransport | None = None
     backlog: deque[Data] | None = None  # packets waiting for a client that fell behind, written by `drainer`
@@ -40,24 +43,40 @@ class DirectSocket(AsyncSocket):  # type: ignore[misc]
             await self.write(pkt.encode())
 
     async def close(self, wait: bool = True, abort: bool = False, reason: str | None = None) -> None:
-        await super().close(wait=wait, abort=abort, reason=reason)
-        if self.ws is None:
+        if self.ws is not None:
+            # nothing queued to wait for: the packets are written, or in the backlog, in order
+            await super().close(wait=False, abort=abort, reason=reason)
+        else:
+            await super().close(wait=wait, abort=abort, reason=reason)
             self.queue.put_nowait(None)  # answers a pending long poll now, not at its timeout
+
+    def schedule_ping(self) -> None:
+        """engineio's, with a timer instead of a task asleep for the whole ping interval."""
+        if self.last_ping:
+            self.last_ping = None
+            asyncio.get_running_loop().call_later(self.server.ping_interval, self._ping)
+
+    def _ping(self) -> None:
+        if not self.closing and not self.closed:
+            self.last_ping = time.time()
+            self.server.start_background_task(self.send, packet.Packet(packet.PING))
 
     async def write(self, data: Data) -> None:
         if self.transport is None or self.transport.is_closing():
             return  # the connection is going: the reader loop ends the socket
-        if self.drainer is None and self._keeps_up(len(data)):
+        if self.backlog is None and self._keeps_up(len(data)):
             try:
                 await self.ws.send(data)
             except ConnectionError:
                 pass  # closing: the reader loop ends the socket
-            return
+        else:
+            self._push(data)
+
+    def _push(self, data: Data) -> None:
         if self.backlog is None:
             self.backlog = deque()
-        self.backlog.append(data)
-        if self.drainer is None:
             self.drainer = asyncio.create_task(self._drain())
+        self.backlog.append(data)
 
     def _keeps_up(self, size: int) -> bool:
         """Nothing is waiting in the transport's buffer and `size` fits under its high-water mark: aiohttp then
@@ -71,9 +90,9 @@ class DirectSocket(AsyncSocket):  # type: ignore[misc]
             while self.backlog:
                 await self.ws.send(self.backlog.popleft())
         except ConnectionError:
-            self.backlog.clear()  # the client is gone; the reader loop ends the socket
+            pass  # the client is gone; the reader loop ends the socket
         finally:
-            self.drainer = None
+            self.backlog = self.drainer = None
 
     async def _websocket_handler(self, ws: Any) -> None:
         """engineio's WebSocket handler (upgrade handshake, then read until the client goes), with the writer
@@ -123,19 +142,18 @@ class DirectSocket(AsyncSocket):  # type: ignore[misc]
             self.upgrading = False
 
     def _take_over(self, ws: Any) -> None:
-        """From now on packets are written directly; what the queue holds goes first, in order. No await here,
-        so nothing can be sent in between."""
-        queued: deque[Data] = deque()
+        """From now on packets are written directly, after what the queue holds. No await here, so nothing can
+        be sent in between."""
+        queued = []
         while not self.queue.empty():
             pkt = self.queue.get_nowait()
-            self.queue.task_done()
             if pkt is not None:
                 queued.append(pkt.encode())
+        self.queue = None  # a direct socket has no use for it (four deques: 3 KB per client)
         self.ws = ws
         self.transport = ws.environ["aiohttp.request"].transport
-        if queued:
-            self.backlog = queued
-            self.drainer = asyncio.create_task(self._drain())
+        for data in queued:
+            self._push(data)
 
 
 class DirectEngine(engineio.AsyncServer):  # type: ignore[misc]
