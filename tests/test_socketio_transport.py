@@ -3,6 +3,7 @@ reading while events keep coming."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from typing import Any
@@ -90,3 +91,27 @@ async def test_a_subscriber_that_stops_reading_holds_up_nobody(gateway_factory: 
     assert all(data["b64_json"] == image for name, data in events if name == EVENT_PARTIAL_IMAGE)
     await stalled.ws.close()
     await reading.ws.close()
+
+
+async def test_pings_keep_a_live_client_and_drop_a_silent_one(gateway_factory: GatewayFactory, redis_url: str,
+                                                              http: aiohttp.ClientSession) -> None:
+    gw = await gateway_factory(config=keyed_config(), redis_url=redis_url)
+    engine = gw.app[SIO].eio
+    engine.ping_interval, engine.ping_timeout = 0.1, 0.2  # read at each connection and each ping
+    job_id = (await submit(http, gw))["id"]
+    live = Subscriber(gw.url, "sk-alice")  # the official client answers pings
+    await live.connect()
+    silent = await RawSubscriber.connect(http, gw.url, "sk-alice", job_id)  # reads nothing, answers nothing
+    try:
+        await live.subscribe(job_id)
+        hub = gw.app[HUB]
+        assert hub.subscriber_count == 2
+        await asyncio.sleep(1.0)  # ten ping intervals
+        assert hub.subscriber_count == 1 and live.client.connected
+        await hub.deliver(job_id, EVENT_PROGRESS, {"job_id": job_id, "progress": 7, "status": "running",
+                                                   "stage": "still here"})
+        await asyncio.sleep(0.1)
+        assert live.events[job_id][-1][1]["stage"] == "still here"
+    finally:
+        await live.client.disconnect()
+        await silent.ws.close()
