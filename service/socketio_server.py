@@ -171,13 +171,16 @@ class SocketIOServer(socketio.AsyncServer):  # type: ignore[misc]
     def _engineio_server_class(self) -> type[engineio.AsyncServer]:
         return DirectEngine
 
-    async def fan_out(self, event: str, data: Any, sids: Iterable[str], namespace: str) -> None:
-        """`emit` to each of `sids`, with the packet encoded once and no task per recipient: each client's socket
-        writes it at once, or queues it (polling, or behind)."""
+    async def fan_out(self, event: str, data: Any, eio_sids: Iterable[str], namespace: str) -> None:
+        """`emit` to the clients on `eio_sids`, with the packet encoded once and no task per recipient: a client
+        on WebSocket gets it written at once (or backlogged, if behind), any other the engineio way (queued)."""
         encoded = self.packet_class(socketio.packet.EVENT, namespace=namespace, data=[event, data]).encode()
         assert isinstance(encoded, str), "binary data would encode as several packets"
         pkt = packet.Packet(packet.MESSAGE, encoded)
-        for sid in sids:
-            eio_sid = self.manager.eio_sid_from_sid(sid, namespace)
-            if eio_sid is not None:
+        text = pkt.encode()
+        for eio_sid in eio_sids:
+            socket = self.eio.sockets.get(eio_sid)
+            if isinstance(socket, DirectSocket) and socket.ws is not None and not socket.closed:
+                await socket.write(text)
+            else:
                 await self.eio.send_packet(eio_sid, pkt)
