@@ -4,7 +4,9 @@ reading while events keep coming."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
+import os
 import time
 from typing import Any
 
@@ -43,8 +45,10 @@ class RawSubscriber:
         self.ws = ws
 
     @classmethod
-    async def connect(cls, http: aiohttp.ClientSession, url: str, key: str, job_id: str) -> RawSubscriber:
-        sub = cls(await http.ws_connect(f"{url}/socket.io/?EIO=4&transport=websocket"))
+    async def connect(cls, http: aiohttp.ClientSession, url: str, key: str, job_id: str, compress: int = 0
+                      ) -> RawSubscriber:
+        sub = cls(await http.ws_connect(f"{url}/socket.io/?EIO=4&transport=websocket", compress=compress))
+        assert sub.ws.compress == compress  # the server agreed to what was asked (permessage-deflate or not)
         assert (await sub.ws.receive_str()).startswith("0{")
         await sub.ws.send_str(f"40{NS},{json.dumps({'api_key': key})}")
         assert (await sub.ws.receive_str()).startswith(f"40{NS},")
@@ -62,15 +66,16 @@ class RawSubscriber:
         return received
 
 
+@pytest.mark.parametrize("compress", [0, 15], ids=["plain", "permessage-deflate"])
 async def test_a_subscriber_that_stops_reading_holds_up_nobody(gateway_factory: GatewayFactory, redis_url: str,
-                                                               http: aiohttp.ClientSession) -> None:
+                                                               http: aiohttp.ClientSession, compress: int) -> None:
     gw = await gateway_factory(config=keyed_config(), redis_url=redis_url)  # no worker: the job stays queued
     hub = gw.app[HUB]
     job_id = (await submit(http, gw))["id"]
-    stalled = await RawSubscriber.connect(http, gw.url, "sk-alice", job_id)
-    reading = await RawSubscriber.connect(http, gw.url, "sk-alice", job_id)
-    image = "A" * 256 * 1024
-    rounds = 64  # 16 MiB for a client that reads nothing: more than the socket buffers hold
+    stalled = await RawSubscriber.connect(http, gw.url, "sk-alice", job_id, compress)
+    reading = await RawSubscriber.connect(http, gw.url, "sk-alice", job_id, compress)
+    image = base64.b64encode(os.urandom(288 * 1024)).decode()  # 384 KiB that deflate cannot shrink much
+    rounds = 64  # 24 MiB for a client that reads nothing: more than the socket buffers hold
 
     started = time.monotonic()
     for i in range(rounds):
