@@ -184,10 +184,10 @@ class ProgressHub:
 
     # subscribers
     def add(self, sid: str, job_id: str) -> None:
-        subs = self.subscribers.setdefault(job_id, {})
-        if sid not in subs:
-            assert self.sio is not None
-            subs[sid] = _Subscriber(self.sio.manager.eio_sid_from_sid(sid, PROGRESS_NAMESPACE))
+        assert self.sio is not None
+        eio_sid = self.sio.manager.eio_sid_from_sid(sid, PROGRESS_NAMESPACE)
+        if eio_sid is not None:  # None: the client went away meanwhile
+            self.subscribers.setdefault(job_id, {}).setdefault(sid, _Subscriber(eio_sid))
 
     def remove(self, sid: str, job_id: str | None = None) -> None:
         jobs = [job_id] if job_id else list(self.subscribers)

@@ -2,11 +2,11 @@
 
 python-engineio gives every client a packet queue and a writer task, and `emit` adds a task per recipient on
 top: for one event fanned out to many subscribers that is most of the cost, and for an idle subscriber most of
-its memory. Here a client on the WebSocket transport gets each packet written straight to its connection while
-it keeps up. A client that falls behind gets a backlog and one writer task until it catches up, so it never holds
-up the others and its packets stay in order. Polling clients, and the packets queued before a WebSocket takes
-over (the open packet, or whatever was sent during a polling-to-WebSocket upgrade), go through engineio's queue
-as before.
+its memory. Here a client on the WebSocket transport gets each small packet written straight to its connection
+while it keeps up. A large packet, or any packet for a client that has fallen behind, goes to that client's
+backlog, written by one task until it is empty: a slow client never holds up the others, and its packets stay in
+order. Polling clients, and the packets queued before a WebSocket takes over (the open packet, or whatever was
+sent during a polling-to-WebSocket upgrade), go through engineio's queue as before.
 """
 
 from __future__ import annotations
@@ -159,6 +159,8 @@ class DirectSocket(AsyncSocket):  # type: ignore[misc]
 
 
 class DirectEngine(engineio.AsyncServer):  # type: ignore[misc]
+    """engineio's server, with `DirectSocket`s."""
+
     async def _trigger_event(self, event: str, *args: Any, **kwargs: Any) -> Any:
         if event == "connect":
             # engineio builds every socket as an AsyncSocket, with no hook to choose the class; its connect
