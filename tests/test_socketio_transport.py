@@ -96,6 +96,11 @@ async def test_a_subscriber_that_stops_reading_holds_up_nobody(gateway_factory: 
     assert all(data["b64_json"] == image for name, data in events if name == EVENT_PARTIAL_IMAGE)
     await stalled.ws.close()
     await reading.ws.close()
+    for _ in range(100):  # and both are forgotten once gone
+        if not gw.app[SIO].eio.sockets and hub.subscriber_count == 0:
+            break
+        await asyncio.sleep(0.02)
+    assert not gw.app[SIO].eio.sockets and hub.subscriber_count == 0
 
 
 async def test_pings_keep_a_live_client_and_drop_a_silent_one(gateway_factory: GatewayFactory, redis_url: str,
