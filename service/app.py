@@ -8,7 +8,6 @@ from collections.abc import AsyncIterator
 from functools import partial
 from typing import TYPE_CHECKING
 
-import socketio
 from aiohttp import web
 
 from service.auth import KeyRing, bearer_token
@@ -31,6 +30,7 @@ from service.routes import admin, chat, docs, edits, files, health, images, jobs
 from service.routes import metrics as metrics_route
 from service.routes import usage as usage_route
 from service.settings import GatewayConfig, Settings, load_config
+from service.socketio_server import SocketIOServer
 from service.state import (
     CONFIG,
     DISPATCHER,
@@ -72,7 +72,7 @@ async def progress_ctx(app: web.Application) -> AsyncIterator[None]:
     because synchronous requests learn of their job's end through it too."""
     hub = ProgressHub(app[STORE], app[STORAGE])
     manager = JobEventManager(app[REDIS_FACTORY], write_only=False, hub=hub)
-    sio = socketio.AsyncServer(async_mode="aiohttp", client_manager=manager, cors_allowed_origins="*")
+    sio = SocketIOServer(async_mode="aiohttp", client_manager=manager, cors_allowed_origins="*")
     keys = app[KEYS]
 
     async def authenticate(token: str | None) -> str | None:

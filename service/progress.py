@@ -32,6 +32,7 @@ from service.errors import NotFound
 from service.jobs import JobRecord, JobStore
 from service.results import render_result
 from service.scripts import Step, StepCall
+from service.socketio_server import SocketIOServer
 from service.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -147,6 +148,7 @@ class ProgressPublisher:
 
 @dataclass
 class _Subscriber:
+    eio_sid: str  # its Engine.IO connection, where its events are written
     last_progress: int = -1
 
 
@@ -156,7 +158,7 @@ class ProgressHub:
     def __init__(self, store: JobStore, storage: Storage) -> None:
         self.store = store
         self.storage = storage
-        self.sio: socketio.AsyncServer | None = None
+        self.sio: SocketIOServer | None = None
         self.subscribers: dict[str, dict[str, _Subscriber]] = {}
         self.waiters: dict[str, set[asyncio.Future[JobRecord | None]]] = {}
         self.listeners: dict[str, set[asyncio.Queue[JobEvent]]] = {}
@@ -221,7 +223,10 @@ class ProgressHub:
 
     # subscribers
     def add(self, sid: str, job_id: str) -> None:
-        self.subscribers.setdefault(job_id, {}).setdefault(sid, _Subscriber())
+        assert self.sio is not None
+        eio_sid = self.sio.manager.eio_sid_from_sid(sid, PROGRESS_NAMESPACE)
+        if eio_sid is not None:  # None: the client went away meanwhile
+            self.subscribers.setdefault(job_id, {}).setdefault(sid, _Subscriber(eio_sid))
 
     def remove(self, sid: str, job_id: str | None = None) -> None:
         jobs = [job_id] if job_id else list(self.subscribers)
@@ -256,18 +261,18 @@ class ProgressHub:
         elif event == EVENT_PROGRESS:
             await self._progress(job_id, data)
         else:
-            await self._send(event, data, list(self.subscribers.get(job_id, {})))
+            await self._send(event, data, list(self.subscribers.get(job_id, {}).values()))
 
     async def _progress(self, job_id: str, data: dict[str, Any], only: str | None = None) -> None:
         targets = []
         for sid, sub in self.subscribers.get(job_id, {}).items():
             if (only is None or sid == only) and data["progress"] >= sub.last_progress:
                 sub.last_progress = data["progress"]
-                targets.append(sid)
+                targets.append(sub)
         await self._send(EVENT_PROGRESS, data, targets)
 
     async def _terminal(self, job_id: str, record: JobRecord | None, only: str | None = None) -> None:
-        targets = [sid for sid in self.subscribers.get(job_id, {}) if only is None or sid == only]
+        targets = {sid: sub for sid, sub in self.subscribers.get(job_id, {}).items() if only is None or sid == only}
         if not targets:
             return
         for sid in targets:
@@ -278,7 +283,7 @@ class ProgressHub:
         if record is None:
             return
         event, payload = await self.terminal_payload(record)
-        await self._send(event, payload, targets)
+        await self._send(event, payload, list(targets.values()))
 
     async def terminal_payload(self, record: JobRecord) -> tuple[str, dict[str, Any]]:
         if record.status == "succeeded":
@@ -289,10 +294,9 @@ class ProgressHub:
         return EVENT_FAILED, {"job_id": record.id, "status": record.status, "progress": record.progress,
                               "error": error}
 
-    async def _send(self, event: str, data: dict[str, Any], sids: list[str]) -> None:
-        """One emit for all of `sids` (each sid is its own room): the packet is encoded once, not per subscriber."""
-        if self.sio is not None and sids:
-            await self.sio.emit(event, data, to=sids, namespace=PROGRESS_NAMESPACE, ignore_queue=True)
+    async def _send(self, event: str, data: dict[str, Any], targets: list[_Subscriber]) -> None:
+        if self.sio is not None and targets:
+            await self.sio.fan_out(event, data, [sub.eio_sid for sub in targets], PROGRESS_NAMESPACE)
 
 
 Authenticator = Callable[[str | None], Awaitable[str | None]]
