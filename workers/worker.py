@@ -14,7 +14,7 @@ from arq import Retry, Worker
 from arq.connections import ArqRedis
 from arq.constants import in_progress_key_prefix, retry_key_prefix
 from arq.jobs import SerializationError, deserialize_job_raw
-from arq.utils import ms_to_datetime, timestamp_ms
+from arq.utils import timestamp_ms
 from arq.worker import func
 from redis.exceptions import RedisError
 
@@ -41,8 +41,8 @@ class ImageWorker(Worker):
     safety net for a wake-up lost while Redis reconnected, and for jobs deferred by `Retry`.
 
     Jobs run as arq runs them (same keys, `job_try` counting, `max_tries`, timeout, abort, `Retry`, re-run
-    when cancelled by a shutdown), without arq's per-job hooks, result keys or cron jobs, none of which
-    imagegw uses.
+    when cancelled by a shutdown), without arq's per-job hooks, result keys, cron jobs or the ctx entries
+    besides `job_id` and `job_try`, none of which imagegw uses.
     """
 
     def __init__(self, *args: Any, lease: float, **kwargs: Any) -> None:
@@ -132,7 +132,7 @@ class ImageWorker(Worker):
         if claim.payload is None:
             return self._gave_up(job_id, "expired")
         try:
-            name, args, kwargs, enqueue_try, enqueue_ms = deserialize_job_raw(
+            name, args, kwargs, enqueue_try, _ = deserialize_job_raw(
                 claim.payload, deserializer=self.job_deserializer)
         except SerializationError:
             return self._gave_up(job_id, "could not be deserialized", exc_info=True)
@@ -148,8 +148,7 @@ class ImageWorker(Worker):
         max_tries = self.max_tries if function.max_tries is None else function.max_tries
         if job_try > max_tries:
             return self._gave_up(job_id, f"exceeded its {max_tries} tries")
-        ctx = {**self.ctx, "job_id": job_id, "job_try": job_try, "enqueue_time": ms_to_datetime(enqueue_ms),
-               "score": claim.score}
+        ctx = {**self.ctx, "job_id": job_id, "job_try": job_try}
         try:
             async with asyncio.timeout(self.job_timeout_s if function.timeout_s is None else function.timeout_s):
                 await function.coroutine(ctx, *args, **kwargs)
