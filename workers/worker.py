@@ -97,9 +97,10 @@ class ImageWorker(Worker):
             self.ended[:0] = ended  # not reported: the next turn does it
             raise
         for job_id in aborted:
-            if job_id in self.tasks:
+            task = self.tasks.get(job_id)
+            if task is not None and not task.done():
                 self.aborting_tasks.add(job_id)
-                self.tasks[job_id].cancel()
+                task.cancel()
         for claim in claims:
             task = asyncio.create_task(self._run_claimed(claim))
             task.add_done_callback(partial(self._job_done, claim.job_id))
@@ -116,7 +117,6 @@ class ImageWorker(Worker):
             outcome = await self._run(claim)
         except asyncio.CancelledError:  # swallowed, as arq does: the outcome says what the cancel was for
             if claim.job_id in self.aborting_tasks:
-                self.aborting_tasks.discard(claim.job_id)
                 self.jobs_failed += 1
                 log.info("job %s aborted", claim.job_id)
             else:  # a shutdown: another worker (or this one's next start) runs it again
@@ -124,6 +124,7 @@ class ImageWorker(Worker):
                 outcome = RELEASED
                 log.info("job %s cancelled, will be run again", claim.job_id)
         finally:
+            self.aborting_tasks.discard(claim.job_id)
             self.ended.append((claim.job_id, outcome))
 
     async def _run(self, claim: Claim) -> int:
