@@ -6,6 +6,8 @@ pipeline cleaning up after it, and a read of the whole abort set on every loop t
 all of that for every job the turn concerns: it cleans up after the jobs that ended since the last turn,
 reports which running jobs were aborted, and claims up to `slots` due jobs (in-progress lease set, try
 counted, job read) - the same keys arq writes, so arq's enqueue, abort and re-run after a crash still apply.
+It also drops abort entries older than arq's `abort_job_max_age` (arq meant to, but its trim removes only
+entries dated in the future): a cancel of a queued job, which never runs, no longer stays there for good.
 
 The script builds key names from the job ids it reads, which Redis allows outside cluster mode (the only
 mode imagegw supports, as arq itself).
