@@ -7,11 +7,14 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import Any
 
-from arq import Worker
+from arq import Retry, Worker
 from arq.connections import ArqRedis
-from arq.constants import in_progress_key_prefix
+from arq.constants import in_progress_key_prefix, retry_key_prefix
+from arq.jobs import SerializationError, deserialize_job_raw
+from arq.utils import timestamp_ms
 from arq.worker import func
 from redis.exceptions import RedisError
 
@@ -20,6 +23,7 @@ from service.constants import JOB_FUNCTION, WAKE_CHANNEL, WEBHOOK_FUNCTION
 from service.jobs import json_deserializer, json_serializer
 from service.progress import JobEventManager
 from service.settings import GatewayConfig, Settings, load_config
+from workers.claims import FINISHED, RELEASED, RETRY_KEY_TTL, Claim, QueueTurns
 from workers.resources import RESOURCES_KEY, WorkerResources, open_resources
 from workers.tasks import MAX_ATTEMPTS, run_image_job
 from workers.webhooks import MAX_DELIVERY_RUNS, deliver_webhook
@@ -27,22 +31,31 @@ from workers.webhooks import MAX_DELIVERY_RUNS, deliver_webhook
 log = logging.getLogger(__name__)
 
 class ImageWorker(Worker):
-    """arq's worker with its sleep between queue scans replaced by a wait on a Redis wake-up channel.
+    """arq's worker with its queue loop replaced: one Redis round trip per turn, woken by a push, not a timer.
 
-    Stock arq scans the queue every `poll_delay` (0.5 s by default): a job waits for the next scan. Here the
-    front end publishes on `WAKE_CHANNEL` in the same transaction that enqueues, and a finishing job wakes
-    the loop too, so an idle worker starts a job within a Redis round trip. The timer stays as a slow
-    safety net for a wake-up lost while Redis reconnected.
+    Stock arq scans the queue every `poll_delay` (0.5 s by default), so a job waits for the next scan, and
+    spends several round trips per job around the job function. Here the front end publishes on
+    `WAKE_CHANNEL` in the same transaction that enqueues, and a job ending wakes the loop too; each turn is
+    one script (workers/claims.py) that cleans up after the jobs that ended since the last turn, finds the
+    running jobs to abort and claims as many due jobs as there are free slots. The timer stays as a slow
+    safety net for a wake-up lost while Redis reconnected, and for jobs deferred by `Retry`.
+
+    Jobs run as arq runs them (same keys, `job_try` counting, `max_tries`, timeout, abort, `Retry`, re-run
+    when cancelled by a shutdown), without arq's per-job hooks, result keys, cron jobs or the ctx entries
+    besides `job_id` and `job_try`, none of which imagegw uses.
     """
 
     def __init__(self, *args: Any, lease: float, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+        # arq calls on_shutdown once every job task is done, before it closes the pool: the last endings
+        # are reported there
+        super().__init__(*args, on_shutdown=self._report_last_endings, **kwargs)
         self.wake = asyncio.Event()
         # arq marks a started job with an "in progress" key that lives for the whole job timeout (hours for
         # long workflows), so a job of a killed worker would wait that long to be re-run. Here the key is a
         # short lease the worker keeps renewing: a dead worker's jobs are picked up again within `lease`.
         self.lease = lease
-        self.in_progress_timeout_s = lease
+        self.turns = QueueTurns(self.pool, self.queue_name, lease)
+        self.ended: list[tuple[str, int]] = []  # (job id, outcome) not yet reported to Redis
 
     async def main(self) -> None:
         self.ctx["redis"] = self.pool
@@ -70,6 +83,99 @@ class ImageWorker(Worker):
             for task in background:
                 task.cancel()
 
+    async def _poll_iteration(self) -> None:
+        await self._turn()
+        await self.record_health()
+
+    async def _turn(self) -> None:
+        ended, self.ended = self.ended, []
+        running = [job_id for job_id in self.tasks if job_id not in self.aborting_tasks]
+        slots = self.max_jobs - len(self.tasks) if self.allow_pick_jobs else 0
+        try:
+            aborted, claims = await self.turns.turn(timestamp_ms(), ended, running, slots)
+        except BaseException:
+            self.ended[:0] = ended  # not reported: the next turn does it
+            raise
+        for job_id in aborted:
+            task = self.tasks.get(job_id)
+            if task is not None and not task.done():
+                self.aborting_tasks.add(job_id)
+                task.cancel()
+        for claim in claims:
+            task = asyncio.create_task(self._run_claimed(claim))
+            task.add_done_callback(partial(self._job_done, claim.job_id))
+            self.tasks[claim.job_id] = task
+
+    def _job_done(self, job_id: str, task: asyncio.Task[None]) -> None:
+        if self.tasks.get(job_id) is task:  # not a new run of the same job claimed meanwhile
+            del self.tasks[job_id]
+        self.wake.set()  # a slot is free and an ending is to be reported: take a turn now
+
+    async def _run_claimed(self, claim: Claim) -> None:
+        outcome = FINISHED
+        try:
+            outcome = await self._run(claim)
+        except asyncio.CancelledError:  # swallowed, as arq does: the outcome says what the cancel was for
+            if claim.job_id in self.aborting_tasks:
+                self.jobs_failed += 1
+                log.info("job %s aborted", claim.job_id)
+            else:  # a shutdown: another worker (or this one's next start) runs it again
+                self.jobs_retried += 1
+                outcome = RELEASED
+                log.info("job %s cancelled, will be run again", claim.job_id)
+        finally:
+            self.aborting_tasks.discard(claim.job_id)
+            self.ended.append((claim.job_id, outcome))
+
+    async def _run(self, claim: Claim) -> int:
+        """The job's function, run as arq's run_job runs it; returns the outcome to report."""
+        job_id = claim.job_id
+        if claim.payload is None:
+            return self._gave_up(job_id, "expired")
+        try:
+            name, args, kwargs, enqueue_try, _ = deserialize_job_raw(
+                claim.payload, deserializer=self.job_deserializer)
+        except SerializationError:
+            return self._gave_up(job_id, "could not be deserialized", exc_info=True)
+        if claim.aborted:
+            return self._gave_up(job_id, "aborted before start")
+        function = self.functions.get(name)
+        if function is None:
+            return self._gave_up(job_id, f"names an unknown function {name!r}")
+        job_try = claim.job_try
+        if enqueue_try and enqueue_try > job_try:  # enqueued as a later try than the counter says
+            job_try = enqueue_try
+            await self.pool.setex(retry_key_prefix + job_id, RETRY_KEY_TTL, str(job_try))
+        max_tries = self.max_tries if function.max_tries is None else function.max_tries
+        if job_try > max_tries:
+            return self._gave_up(job_id, f"exceeded its {max_tries} tries")
+        ctx = {**self.ctx, "job_id": job_id, "job_try": job_try}
+        try:
+            async with asyncio.timeout(self.job_timeout_s if function.timeout_s is None else function.timeout_s):
+                await function.coroutine(ctx, *args, **kwargs)
+        except Retry as retry:
+            self.jobs_retried += 1
+            # the queue score moves by the delay plus the time since the job was due, as arq does
+            return retry.defer_score + timestamp_ms() - claim.score if retry.defer_score else RELEASED
+        except Exception:
+            log.exception("job %s (%s) failed", job_id, name)
+            self.jobs_failed += 1
+            return FINISHED
+        self.jobs_complete += 1
+        return FINISHED
+
+    def _gave_up(self, job_id: str, why: str, *, exc_info: bool = False) -> int:
+        log.warning("job %s %s", job_id, why, exc_info=exc_info)
+        self.jobs_failed += 1
+        return FINISHED
+
+    async def _report_last_endings(self, ctx: dict[Any, Any]) -> None:
+        self.allow_pick_jobs = False  # a closing worker takes no new job
+        try:
+            await self._turn()
+        except (RedisError, OSError) as exc:  # the leases lapse instead: the jobs run again, to no effect
+            log.warning("could not report the last job endings: %s", exc)
+
     async def _renew_leases(self) -> None:
         while True:
             await asyncio.sleep(self.lease / 3)
@@ -83,10 +189,6 @@ class ImageWorker(Worker):
                     await pipe.execute()
             except (RedisError, OSError) as exc:
                 log.warning("could not renew job leases: %s", exc)
-
-    def _release_sem_dec_counter_on_complete(self) -> None:
-        super()._release_sem_dec_counter_on_complete()
-        self.wake.set()  # a slot is free: look at the queue now
 
     async def _listen_for_wakeups(self) -> None:
         delay = 0.1
