@@ -329,11 +329,11 @@ class ProgressNamespace(socketio.AsyncNamespace):  # type: ignore[misc]
             return {"error": {"message": "subscribe needs a job_id", "type": "invalid_request_error",
                               "param": "job_id", "code": "missing_required_parameter"}}
         owner = (await self.get_session(sid))["owner"]
-        self.hub.add(sid, job_id)  # before reading, so nothing published meanwhile is missed
         record = await self.hub.store.get(job_id)
-        if record is None or record.owner != owner:
-            self.hub.remove(sid, job_id)
+        if record is None or record.owner != owner:  # checked before subscribing: no event may reach another key
             return {"error": NotFound(f"No job found with id '{job_id}'.", param="job_id").to_dict()}
+        self.hub.add(sid, job_id)  # then read again, so nothing published since the first read is missed
+        record = await self.hub.store.get(job_id) or record
         await self.hub.snapshot(sid, record)
         return {"job_id": job_id, "status": record.status}
 
