@@ -138,9 +138,12 @@ class ProgressPublisher:
         ))
 
     def finished_message(self, record: JobRecord) -> EventMessage:
-        """The terminal event; subscribers' front ends read the result from the record."""
-        event = EVENT_COMPLETED if record.status == "succeeded" else EVENT_FAILED
-        return self.message(event, record.id, {"status": record.status})
+        """The terminal event. A success carries its record, so front ends answer from it without reading it
+        back (a failure's stored progress may be newer than the record its finisher holds: they re-read)."""
+        if record.status != "succeeded":
+            return self.message(EVENT_FAILED, record.id, {"status": record.status})
+        return self.message(EVENT_COMPLETED, record.id,
+                            {"status": record.status, "record": record.model_dump(mode="json", exclude_none=True)})
 
     async def finished(self, record: JobRecord) -> None:
         await self._emit(self.finished_message(record))
@@ -253,11 +256,14 @@ class ProgressHub:
         for queue in self.listeners.get(job_id, ()):
             queue.put_nowait((event, data))
         if event in TERMINAL_EVENTS:
-            for future in self.waiters.get(job_id, ()):
-                if not future.done():
-                    future.set_result(None)
+            waiting = [future for future in self.waiters.get(job_id, ()) if not future.done()]
+            if not waiting and job_id not in self.subscribers:
+                return
+            ended = JobRecord.model_validate(data["record"]) if "record" in data else None
+            for future in waiting:
+                future.set_result(ended)
             if job_id in self.subscribers:
-                await self._terminal(job_id, None)
+                await self._terminal(job_id, ended)
         elif event == EVENT_PROGRESS:
             await self._progress(job_id, data)
         else:

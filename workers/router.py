@@ -24,7 +24,7 @@ from service.errors import (
 from service.models import PROVIDER_CAPABILITIES
 from service.schemas import ImageSpec
 from service.settings import GatewayConfig
-from workers.imaging import decodes
+from workers.imaging import cheap_to_check, decodes
 from workers.providers import PROVIDER_TYPES
 from workers.providers.base import Deployment, ImageRequest, ProgressReporter, Provider, ProviderResult
 from workers.retry import PERMANENT_CODES, Cooldowns, Failure, backoff_delay, exhausted
@@ -183,11 +183,15 @@ class Router:
 
     @staticmethod
     async def _check_images(deployment: Deployment, result: ProviderResult) -> None:
-        """A truncated or corrupt image is the upstream's failure (worth another try), never a result. The
-        images are checked side by side, in threads: inflating their pixels releases the GIL."""
-        whole = await asyncio.gather(*(asyncio.to_thread(decodes, image.data) for image in result.images))
-        for index, ok in enumerate(whole):
-            if not ok:
+        """A truncated or corrupt image is the upstream's failure (worth another try), never a result. Large
+        images are checked side by side, in threads (inflating their pixels releases the GIL); small ones
+        right here, cheaper than the hop."""
+        small = {i: decodes(image.data) for i, image in enumerate(result.images) if cheap_to_check(image.data)}
+        large = [i for i in range(len(result.images)) if i not in small]
+        checked = await asyncio.gather(*(asyncio.to_thread(decodes, result.images[i].data) for i in large))
+        whole = small | dict(zip(large, checked, strict=True))
+        for index in range(len(result.images)):
+            if not whole[index]:
                 raise UpstreamError(f"Upstream '{deployment.provider}' (model '{deployment.upstream_model}') "
                                     f"returned a truncated or corrupt image (image {index}).",
                                     code="bad_upstream_image")
