@@ -81,16 +81,17 @@ class JobRecord(BaseModel):
 
 _STRING_FIELDS = frozenset({"id", "owner", "model", "status", "stage", "base_url"})
 
-# Moves a job between states atomically: only from one of the allowed states; the record after.
+# Moves a job between states atomically: only from one of the allowed states; the record after, if asked.
 TRANSITION = Step("transition", """
 local cur = redis.call('HGET', K[1], 'status')
 if not cur then return {0} end
 if not string.find(' ' .. A[1] .. ' ', ' ' .. cur .. ' ', 1, true) then
   return {0, cur}
 end
-for i = 2, #A, 2 do redis.call('HSET', K[1], A[i], A[i + 1]) end
-if A[2] == 'status' and A[3] == 'running' then redis.call('HINCRBY', K[1], 'attempts', 1) end
-return {1, redis.call('HGETALL', K[1])}
+for i = 3, #A, 2 do redis.call('HSET', K[1], A[i], A[i + 1]) end
+if A[3] == 'status' and A[4] == 'running' then redis.call('HINCRBY', K[1], 'attempts', 1) end
+if A[2] == '1' then return {1, redis.call('HGETALL', K[1])} end
+return {1}
 """)
 
 # Stores a new record; for queued dispatch also the arq job (as arq's enqueue_job writes it), its place in the
@@ -160,9 +161,11 @@ class JobStore:
         raw = await self.redis.hgetall(self.key(job_id))  # type: ignore[misc]
         return JobRecord.from_hash(raw) if raw else None
 
-    def transition_call(self, job_id: str, allowed: frozenset[JobStatus], fields: dict[str, Any]) -> StepCall:
-        """The TRANSITION step: apply `fields` if the job is in one of `allowed` states."""
-        args: list[str] = [" ".join(sorted(allowed))]
+    def transition_call(self, job_id: str, allowed: frozenset[JobStatus], fields: dict[str, Any], *,
+                        read_back: bool = True) -> StepCall:
+        """The TRANSITION step: apply `fields` if the job is in one of `allowed` states; with `read_back`,
+        reply with the record after (see `transitioned`)."""
+        args: list[str] = [" ".join(sorted(allowed)), "1" if read_back else "0"]
         for name, value in fields.items():
             args += [name, value if isinstance(value, str) else json.dumps(value)]
         return [self.key(job_id)], args

@@ -90,15 +90,19 @@ class Lifecycle:
         """The terminal transition, the job's settlement (before the announcement: a client told "done" has
         its slot back) and the terminal event, together or not at all."""
         ending = JobRecord.model_validate({**record.model_dump(), **fields})  # what the transition will leave
+        if result is not None:
+            ending.result = result  # equal to the stored one, and maybe holding its images (never persisted)
         announcement = self.publisher.finished_message(ending)
+        # only progress changes a running job's record, and a success overwrites it: `ending` is exactly the
+        # record then; a failure keeps the stored progress, so its record is read back
+        exact = result is not None
         replies = await self._finish(
-            self.store.transition_call(record.id, allowed, fields),
+            self.store.transition_call(record.id, allowed, fields, read_back=not exact),
             self.settlement.settle_call(ending),
             self.publisher.publish_call(announcement),
         )
-        done = JobStore.transitioned(replies[0])
-        if done is not None:
-            if result is not None:
-                done.result = result  # equal to the stored one, and maybe holding its images (never persisted)
-            await self.publisher.published(announcement, ended=done)
+        if replies[0][0] != 1:
+            return None
+        done = ending if exact else JobStore.transitioned(replies[0])
+        await self.publisher.published(announcement, ended=done)
         return done
