@@ -11,6 +11,7 @@ import logging
 import socket
 import sys
 import time
+from functools import partial
 from typing import get_args
 
 from aiohttp import web
@@ -52,7 +53,8 @@ def serve(settings: Settings) -> int:
     grace = settings.worker_grace or 0.001
     app = create_app(settings, config)
     app.on_startup.append(freeze_startup_objects)  # runs after the app's own start-up (its cleanup contexts)
-    web.run_app(app, host=settings.host, port=settings.port, print=None, access_log=None, shutdown_timeout=grace)
+    web.run_app(app, host=settings.host, port=settings.port, print=None, access_log=None, shutdown_timeout=grace,
+                loop=new_event_loop(settings))
     return 0
 
 
@@ -68,8 +70,21 @@ def worker(settings: Settings) -> int:
     if settings.embedded:
         log.error("imagegw worker needs IMAGEGW_REDIS_URL; in embedded mode `imagegw serve` runs the worker itself")
         return 2
-    asyncio.run(serve_worker(settings))
+    with asyncio.Runner(loop_factory=partial(new_event_loop, settings)) as runner:
+        runner.run(serve_worker(settings))
     return 0
+
+
+def new_event_loop(settings: Settings) -> asyncio.AbstractEventLoop:
+    """uvloop's (about a tenth less CPU per job here), unless turned off or not installed (no Windows build)."""
+    if settings.uvloop:
+        try:
+            import uvloop
+        except ImportError:
+            pass
+        else:
+            return uvloop.new_event_loop()
+    return asyncio.new_event_loop()
 
 
 def check_config(settings: Settings) -> int:

@@ -31,6 +31,7 @@ class Settings(BaseSettings):
     )
     job_ttl: int = Field(24 * 3600, ge=60, description="how long job records and their files are kept, seconds")
     queue_name: str = "imagegw:queue"
+    uvloop: bool = Field(True, description="run `serve` and `worker` on uvloop, a faster event loop (where installed)")
     worker_concurrency: int = Field(10, ge=1, description="jobs one worker process runs at once")
     worker_poll_fallback: float = Field(
         0.5, gt=0, description="seconds between queue scans when no wake-up arrives (missed-notification safety net)"

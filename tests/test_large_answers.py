@@ -17,7 +17,7 @@ from PIL import Image
 
 from service.errors import UpstreamError
 from service.results import HeldResult, render_answer, render_result
-from service.routes.responses import model_response, spliced_response
+from service.routes.responses import B64_STEP, model_response, spliced_response
 from service.schemas import ImageData, ImagesResponse
 from service.state import DISPATCHER, STORAGE
 from service.storage import Storage
@@ -159,9 +159,12 @@ def test_png_check_refuses_broken_pixel_data_behind_valid_checksums() -> None:
         assert png_is_whole(bad) is False and not decodes(bad)
 
 
-async def test_spliced_response_writes_what_model_response_writes() -> None:
+@pytest.mark.parametrize("large", [False, True], ids=["one-write", "streamed"])
+async def test_spliced_response_writes_what_model_response_writes(large: bool) -> None:
     mark = "5f3c" * 8
     payloads = [bytes(range(256)) * 7, b"", b"x", b"xy", png("RGB")]
+    if large:  # past one base64 step: written a step at a time
+        payloads.append(bytes(range(256)) * (2 * B64_STEP // 256 + 1))
     model = ImagesResponse(created=1, data=[ImageData(b64_json=mark, revised_prompt='a "cat" é ✓\n')
                                             for _ in payloads], usage={"total_tokens": 3}, size="64x64")
     whole = model.model_copy(deep=True)

@@ -26,9 +26,14 @@ async def spliced_response(request: web.Request, model: BaseModel, mark: str, pa
     parts = model.model_dump_json(exclude_none=True).encode().split(mark.encode())
     if len(parts) != len(payloads) + 1:
         raise ValueError(f"{len(parts) - 1} marks for {len(payloads)} payloads")
+    length = sum(map(len, parts)) + sum(4 * ((len(p) + 2) // 3) for p in payloads)
+    if length <= B64_STEP:  # small: one write with the headers beats a write per piece
+        pieces = [piece for part, payload in zip(parts, payloads, strict=False)
+                  for piece in (part, binascii.b2a_base64(payload, newline=False))]
+        return web.Response(body=b"".join([*pieces, parts[-1]]), content_type="application/json")
     response = web.StreamResponse()
     response.content_type = "application/json"
-    response.content_length = sum(map(len, parts)) + sum(4 * ((len(p) + 2) // 3) for p in payloads)
+    response.content_length = length
     await response.prepare(request)
     try:
         for part, payload in zip(parts[:-1], payloads, strict=True):
