@@ -12,6 +12,7 @@ Commands (`op`): `closed` (fixed concurrency), `open` (fixed rate, latency from 
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import sys
 import time
@@ -206,23 +207,30 @@ async def serve() -> None:
             op = command.pop("op")
             if op == "quit":
                 break
-            result: dict[str, Any]
-            if op == "closed":
-                outcome = await closed_loop(Target.from_command(command["target"]), command["concurrency"],
-                                            command["count"], command.get("keep", False),
-                                            command.get("pause", 0.0))
-                result = outcome.to_json()
-            elif op == "open":
-                outcome = await open_loop(Target.from_command(command["target"]), command["rate"],
-                                          command["duration"], command.get("connections", 32))
-                result = outcome.to_json()
-            else:
-                result = await pools[command["kind"]].command(op, command)
+            # what the generator holds between commands (open subscribers, connections) out of its collections:
+            # a full one over them mid-run (20-40 ms) would count as the measured side's latency
+            gc.unfreeze()
+            gc.collect()
+            gc.freeze()
+            result = await run_command(op, command, pools)
             sys.stdout.write(json.dumps(result) + "\n")
             sys.stdout.flush()
     finally:
         for pool in pools.values():
             await pool.close()
+
+
+async def run_command(op: str, command: dict[str, Any], pools: dict[str, SubscriberPool]) -> dict[str, Any]:
+    if op == "closed":
+        outcome = await closed_loop(Target.from_command(command["target"]), command["concurrency"],
+                                    command["count"], command.get("keep", False), command.get("pause", 0.0))
+        return outcome.to_json()
+    if op == "open":
+        outcome = await open_loop(Target.from_command(command["target"]), command["rate"], command["duration"],
+                                  command.get("connections", 32))
+        return outcome.to_json()
+    result: dict[str, Any] = await pools[command["kind"]].command(op, command)
+    return result
 
 
 if __name__ == "__main__":

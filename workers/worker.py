@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -255,5 +256,6 @@ async def serve_worker(settings: Settings) -> None:
     config = load_config(settings.config)
     async with running_worker(settings, config, RedisFactory(settings), handle_signals=True) as worker:
         log.info("worker started on queue %s", settings.queue_name)
+        gc.freeze()  # start-up objects live as long as the process: kept out of every collection (as `serve`)
         assert worker.main_task is not None
         await asyncio.wait([worker.main_task])  # ends when a signal stops the loop
