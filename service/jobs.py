@@ -167,7 +167,7 @@ class JobStore:
         reply with the record after (see `transitioned`)."""
         args: list[str] = [" ".join(sorted(allowed)), "1" if read_back else "0"]
         for name, value in fields.items():
-            args += [name, value if isinstance(value, str) else json.dumps(value)]
+            args += [name, _hash_value(value)]
         return [self.key(job_id)], args
 
     @staticmethod
@@ -209,9 +209,17 @@ def started_fields() -> dict[str, Any]:
 
 
 def succeeded_fields(result: StoredResult) -> dict[str, Any]:
-    return {"status": "succeeded", "progress": 100, "stage": "done", "finished_at": time.time(),
-            "result": result.model_dump(mode="json", exclude_none=True)}
+    return {"status": "succeeded", "progress": 100, "stage": "done", "finished_at": time.time(), "result": result}
 
 
 def failed_fields(failure: JobFailure, status: JobStatus = "failed") -> dict[str, Any]:
-    return {"status": status, "stage": status, "finished_at": time.time(), "failure": failure.model_dump(mode="json")}
+    return {"status": status, "stage": status, "finished_at": time.time(), "failure": failure}
+
+
+def _hash_value(value: Any) -> str:
+    """A record field as its hash stores it (see `JobRecord.to_hash`)."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, BaseModel):
+        return value.model_dump_json(exclude_none=True)
+    return json.dumps(value)

@@ -89,9 +89,8 @@ class Lifecycle:
                    result: StoredResult | None = None) -> JobRecord | None:
         """The terminal transition, the job's settlement (before the announcement: a client told "done" has
         its slot back) and the terminal event, together or not at all."""
-        ending = JobRecord.model_validate({**record.model_dump(), **fields})  # what the transition will leave
-        if result is not None:
-            ending.result = result  # equal to the stored one, and maybe holding its images (never persisted)
+        # what the transition will leave; `result` may hold its images (a `HeldResult`, never persisted)
+        ending = record.model_copy(update=fields)
         announcement = self.publisher.finished_message(ending)
         # only progress changes a running job's record, and a success overwrites it: `ending` is exactly the
         # record then; a failure keeps the stored progress, so its record is read back
