@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -64,6 +64,16 @@ class JobEventManager(socketio.AsyncRedisManager):  # type: ignore[misc]
             return
         if not self.write_only:
             await super()._handle_emit(message)
+
+    async def _listen(self) -> AsyncIterator[Any]:
+        """python-socketio's, without the emits this process published: it delivered them itself already (see
+        `emitted_here`), and the manager would decode each one only to drop it. Matched on the text as
+        `json.dumps` writes it; a message written otherwise is decoded and dropped by the manager as before."""
+        head, tail = b'{"method": "emit", ', f'"host_id": "{self.host_id}"}}'.encode()
+        async for data in super()._listen():
+            if isinstance(data, bytes) and data.startswith(head) and data.endswith(tail):
+                continue
+            yield data
 
     async def emitted_here(self, message: dict[str, Any], ended: JobRecord | None = None) -> None:
         """Deliver in this process a message published to Redis: the listener skips this host's own messages.

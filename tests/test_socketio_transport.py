@@ -12,8 +12,10 @@ from typing import Any
 
 import aiohttp
 import pytest
+import socketio
 
 from service.constants import EVENT_PARTIAL_IMAGE, EVENT_PROGRESS, PROGRESS_NAMESPACE
+from service.progress import JobEventManager, ProgressPublisher
 from service.state import HUB, SIO
 from tests.conftest import GatewayFactory
 from tests.test_jobs import Subscriber, assert_monotonic_then_completed, keyed_config, submit
@@ -125,3 +127,21 @@ async def test_pings_keep_a_live_client_and_drop_a_silent_one(gateway_factory: G
     finally:
         await live.client.disconnect()
         await silent.ws.close()
+
+
+async def test_the_redis_listener_skips_only_this_processes_own_emits(monkeypatch: pytest.MonkeyPatch) -> None:
+    own = JobEventManager(lambda: None, write_only=True)  # type: ignore[arg-type,return-value]
+    other = JobEventManager(lambda: None, write_only=True)  # type: ignore[arg-type,return-value]
+    publisher = ProgressPublisher(own)
+    messages = [own.json.dumps(publisher.message(EVENT_PROGRESS, "j", {"progress": 5})),
+                other.json.dumps(ProgressPublisher(other).message(EVENT_PROGRESS, "j", {"progress": 6})),
+                own.json.dumps({"method": "callback", "host_id": own.host_id, "sid": "s", "id": 1, "args": []})]
+
+    async def published(self: Any) -> Any:
+        for message in messages:
+            yield message.encode()
+
+    monkeypatch.setattr(socketio.AsyncRedisManager, "_listen", published)
+    heard = [json.loads(data) async for data in own._listen()]
+    assert [m["host_id"] for m in heard] == [other.host_id, own.host_id]
+    assert [m["method"] for m in heard] == ["emit", "callback"]  # a callback for this host still arrives
