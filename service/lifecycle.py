@@ -79,29 +79,30 @@ class Lifecycle:
     async def succeed(self, record: JobRecord, result: StoredResult) -> JobRecord | None:
         """running -> succeeded; None if the job was cancelled meanwhile. The record given back (and to the
         requests waiting here) holds `result` itself: the images a `HeldResult` holds answer them."""
-        return await self._end(record, RUNNING, succeeded_fields(result), result)
+        # only progress changes a running job's record, and a success overwrites it: the record this move
+        # leaves is known without reading it back
+        return await self._end(record, RUNNING, succeeded_fields(result), known=True)
 
     async def fail(self, record: JobRecord, failure: JobFailure) -> JobRecord | None:
-        """queued or running -> failed; None if the job had already ended."""
-        return await self._end(record, ACTIVE, failed_fields(failure))
+        """queued or running -> failed; None if the job had already ended. The stored progress may be newer
+        than `record`'s: the record is read back."""
+        return await self._end(record, ACTIVE, failed_fields(failure), known=False)
 
-    async def _end(self, record: JobRecord, allowed: frozenset[JobStatus], fields: dict[str, Any],
-                   result: StoredResult | None = None) -> JobRecord | None:
+    async def _end(self, record: JobRecord, allowed: frozenset[JobStatus], fields: dict[str, Any], *,
+                   known: bool) -> JobRecord | None:
         """The terminal transition, the job's settlement (before the announcement: a client told "done" has
-        its slot back) and the terminal event, together or not at all."""
-        # what the transition will leave; `result` may hold its images (a `HeldResult`, never persisted)
+        its slot back) and the terminal event, together or not at all. `known`: `record` with `fields` is
+        exactly what the transition leaves, so it is not read back."""
+        # a success's result may hold its images (a `HeldResult`, never persisted) for the answer made here
         ending = record.model_copy(update=fields)
         announcement = self.publisher.finished_message(ending)
-        # only progress changes a running job's record, and a success overwrites it: `ending` is exactly the
-        # record then; a failure keeps the stored progress, so its record is read back
-        exact = result is not None
         replies = await self._finish(
-            self.store.transition_call(record.id, allowed, fields, read_back=not exact),
+            self.store.transition_call(record.id, allowed, fields, read_back=not known),
             self.settlement.settle_call(ending),
             self.publisher.publish_call(announcement),
         )
         if replies[0][0] != 1:
             return None
-        done = ending if exact else JobStore.transitioned(replies[0])
+        done = ending if known else JobStore.transitioned(replies[0])
         await self.publisher.published(announcement, ended=done)
         return done
