@@ -155,6 +155,25 @@ async def gateway_factory(tmp_path: Path) -> AsyncIterator[GatewayFactory]:
         await cm.__aexit__(None, None, None)
 
 
+class GatewayOpener:
+    """`gateway, client = await opener(attempts, **provider_options)`: a gateway in front of a provider's fake,
+    its config made by `config(attempts, **provider_options)`; `close` closes the SDK clients it handed out."""
+
+    def __init__(self, factory: GatewayFactory, config: Callable[..., GatewayConfig]) -> None:
+        self.factory = factory
+        self.config = config
+        self.clients: list[openai.AsyncOpenAI] = []
+
+    async def __call__(self, attempts: int = 1, **options: Any) -> tuple[Gateway, openai.AsyncOpenAI]:
+        gateway = await self.factory(config=self.config(attempts, **options))
+        self.clients.append(gateway.client())
+        return gateway, self.clients[-1]
+
+    async def close(self) -> None:
+        for client in self.clients:
+            await client.close()
+
+
 @pytest.fixture
 async def gateway(gateway_factory: GatewayFactory) -> Gateway:
     """Embedded mode with the offline renderer: no Redis server, no keys."""

@@ -6,7 +6,8 @@ from __future__ import annotations
 import base64
 import io
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
+from functools import partial
 from typing import Any
 
 import aiohttp
@@ -17,8 +18,9 @@ from PIL import Image
 from service.errors import UpstreamError, UpstreamRejected
 from service.schemas import ImageSpec
 from service.settings import DeploymentConfig, GatewayConfig, ProviderConfig
-from tests.conftest import Gateway, GatewayFactory
+from tests.conftest import GatewayFactory, GatewayOpener
 from tests.fakes.doubao import API_KEY, SEEDREAM_3, SEEDREAM_4, FakeArk
+from tests.pictures import decode
 from workers.providers.base import Deployment, ImageRequest, InputImage, ProviderResult
 from workers.providers.doubao import DoubaoProvider
 
@@ -51,28 +53,15 @@ def ark_config(fake: FakeArk, attempts: int = 1, **options: Any) -> GatewayConfi
     })
 
 
-Opener = Callable[..., Awaitable[tuple[Gateway, openai.AsyncOpenAI]]]
-
-
 @pytest.fixture
-async def open_gateway(ark: FakeArk, gateway_factory: GatewayFactory) -> AsyncIterator[Opener]:
-    """`gateway, client = await open_gateway(attempts, **provider_options)`: a gateway before the fake."""
-    clients: list[openai.AsyncOpenAI] = []
-
-    async def open_(attempts: int = 1, **options: Any) -> tuple[Gateway, openai.AsyncOpenAI]:
-        gateway = await gateway_factory(config=ark_config(ark, attempts, **options))
-        clients.append(gateway.client())
-        return gateway, clients[-1]
-
-    yield open_
-    for client in clients:
-        await client.close()
+async def open_gateway(ark: FakeArk, gateway_factory: GatewayFactory) -> AsyncIterator[GatewayOpener]:
+    opener = GatewayOpener(gateway_factory, partial(ark_config, ark))
+    yield opener
+    await opener.close()
 
 
 def picture(b64: str | None) -> Image.Image:
-    assert b64
-    image = Image.open(io.BytesIO(base64.b64decode(b64)))
-    return image.convert("RGB")
+    return decode(b64).convert("RGB")
 
 
 def input_png(color: tuple[int, int, int], size: tuple[int, int] = (40, 30)) -> bytes:
@@ -112,7 +101,7 @@ async def call_adapter(fake: FakeArk, *, model: str = SEEDREAM_4, options: dict[
 @pytest.mark.parametrize(("size", "dims"), [("1K", (1024, 1024)), ("2K", (2048, 2048)), ("4K", (4096, 4096)),
                                             ("2560x1440", (2560, 1440)), ("1280x720", (1280, 720))])
 async def test_sdk_generation_sends_arks_request_and_gets_the_image(
-        ark: FakeArk, open_gateway: Opener, size: str, dims: tuple[int, int]) -> None:
+        ark: FakeArk, open_gateway: GatewayOpener, size: str, dims: tuple[int, int]) -> None:
     gateway, client = await open_gateway()
     result = await client.images.generate(model="seedream-4", prompt="a red fox in snow", size=size,
                                                     extra_body={"seed": 42, "watermark": True})
@@ -134,7 +123,7 @@ async def test_sdk_generation_sends_arks_request_and_gets_the_image(
     assert not ark.downloads
 
 
-async def test_watermark_defaults_to_the_deployment_option(ark: FakeArk, open_gateway: Opener) -> None:
+async def test_watermark_defaults_to_the_deployment_option(ark: FakeArk, open_gateway: GatewayOpener) -> None:
     _, client = await open_gateway()
     plain = await client.images.generate(model="seedream-4", prompt="a lake", size="1K")
     _, client = await open_gateway(watermark=True)
@@ -145,7 +134,7 @@ async def test_watermark_defaults_to_the_deployment_option(ark: FakeArk, open_ga
     assert picture(marked.data[0].b64_json).getpixel((1023, 1023)) == WHITE
 
 
-async def test_n_images_come_from_one_sequential_call(ark: FakeArk, open_gateway: Opener) -> None:
+async def test_n_images_come_from_one_sequential_call(ark: FakeArk, open_gateway: GatewayOpener) -> None:
     _, client = await open_gateway()
     result = await client.images.generate(model="seedream-4", prompt="four seasons", size="1K", n=3)
     [call] = ark.posts
@@ -156,7 +145,7 @@ async def test_n_images_come_from_one_sequential_call(ark: FakeArk, open_gateway
     assert result.usage is not None and result.usage.model_dump(exclude_none=True)["generated_images"] == 3
 
 
-async def test_a_sequential_shortfall_is_made_up_by_single_calls(ark: FakeArk, open_gateway: Opener
+async def test_a_sequential_shortfall_is_made_up_by_single_calls(ark: FakeArk, open_gateway: GatewayOpener
                                                                  ) -> None:
     ark.sequential_limit = 1  # the model drew one picture where three were allowed
     _, client = await open_gateway()
@@ -172,7 +161,7 @@ async def test_a_sequential_shortfall_is_made_up_by_single_calls(ark: FakeArk, o
                                                           "total_tokens": 3 * 4096, "input_tokens": 0}
 
 
-async def test_a_model_without_sequential_mode_fans_out(ark: FakeArk, open_gateway: Opener) -> None:
+async def test_a_model_without_sequential_mode_fans_out(ark: FakeArk, open_gateway: GatewayOpener) -> None:
     _, client = await open_gateway()
     result = await client.images.generate(model="seedream-3", prompt="two boats", size="1280x720", n=2,
                                           extra_body={"seed": 5})
@@ -185,7 +174,7 @@ async def test_a_model_without_sequential_mode_fans_out(ark: FakeArk, open_gatew
 
 
 async def test_url_answers_are_downloaded_and_served_by_the_gateway(
-        ark: FakeArk, open_gateway: Opener, http: aiohttp.ClientSession) -> None:
+        ark: FakeArk, open_gateway: GatewayOpener, http: aiohttp.ClientSession) -> None:
     gateway, client = await open_gateway(response_format="url")
     result = await client.images.generate(model="seedream-4", prompt="a kite", size="1K", n=2,
                                                     response_format="url")
@@ -202,7 +191,7 @@ async def test_url_answers_are_downloaded_and_served_by_the_gateway(
     assert sorted(served) == sorted(ark.files.values())
 
 
-async def test_an_oversized_image_link_is_refused(ark: FakeArk, open_gateway: Opener) -> None:
+async def test_an_oversized_image_link_is_refused(ark: FakeArk, open_gateway: GatewayOpener) -> None:
     _, client = await open_gateway(response_format="url", max_image_bytes=200)
     with pytest.raises(openai.APIStatusError) as caught:
         await client.images.generate(model="seedream-4", prompt="a kite", size="1K")
@@ -212,7 +201,7 @@ async def test_an_oversized_image_link_is_refused(ark: FakeArk, open_gateway: Op
 
 # --- edits --------------------------------------------------------------------------------------------------
 
-async def test_sdk_edit_sends_the_inputs_as_data_urls(ark: FakeArk, open_gateway: Opener) -> None:
+async def test_sdk_edit_sends_the_inputs_as_data_urls(ark: FakeArk, open_gateway: GatewayOpener) -> None:
     first, second = input_png((10, 120, 200)), input_png((200, 30, 40), (30, 40))
     _, client = await open_gateway()
     result = await client.images.edit(model="seedream-4", prompt="make it dusk", size="1K",
@@ -249,7 +238,7 @@ async def test_an_edit_with_a_mask_is_refused_before_any_call(ark: FakeArk) -> N
     ({"extra_body": {"negative_prompt": "blur"}}, "negative_prompt"),
 ])
 async def test_parameters_seedream_lacks_are_refused_naming_them(
-        ark: FakeArk, open_gateway: Opener, params: dict[str, Any], param: str) -> None:
+        ark: FakeArk, open_gateway: GatewayOpener, params: dict[str, Any], param: str) -> None:
     _, client = await open_gateway()
     with pytest.raises(openai.BadRequestError) as caught:
         await client.images.generate(model="seedream-4", prompt="a fox", **params)
@@ -257,7 +246,7 @@ async def test_parameters_seedream_lacks_are_refused_naming_them(
     assert ark.calls == []
 
 
-async def test_other_families_refuse_watermark(ark: FakeArk, open_gateway: Opener) -> None:
+async def test_other_families_refuse_watermark(ark: FakeArk, open_gateway: GatewayOpener) -> None:
     _, client = await open_gateway()
     with pytest.raises(openai.BadRequestError) as caught:
         await client.images.generate(model="local", prompt="a fox", extra_body={"watermark": False})
@@ -290,7 +279,7 @@ async def test_adapter_passes_on_retry_after(ark: FakeArk, code: str) -> None:
     assert caught.value.code == "upstream_rate_limited" and caught.value.retry_after == 7.0
 
 
-async def test_a_safety_refusal_is_a_400_with_the_reason(ark: FakeArk, open_gateway: Opener) -> None:
+async def test_a_safety_refusal_is_a_400_with_the_reason(ark: FakeArk, open_gateway: GatewayOpener) -> None:
     ark.fail("InputTextSensitiveContentDetected", times=5)
     _, client = await open_gateway(attempts=3)
     with pytest.raises(openai.BadRequestError) as caught:
@@ -318,7 +307,7 @@ async def test_a_partly_refused_batch_is_made_up(ark: FakeArk) -> None:
     assert ark.posts[1].json["sequential_image_generation"] == "disabled"
 
 
-async def test_a_bad_key_is_a_502_that_keeps_the_key_secret(ark: FakeArk, open_gateway: Opener,
+async def test_a_bad_key_is_a_502_that_keeps_the_key_secret(ark: FakeArk, open_gateway: GatewayOpener,
                                                              http: aiohttp.ClientSession,
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     wrong = "ark-wrong-key-that-must-not-leak-0000"
@@ -335,7 +324,7 @@ async def test_a_bad_key_is_a_502_that_keeps_the_key_secret(ark: FakeArk, open_g
     assert ark.posts[0].headers["authorization"] == f"Bearer {wrong}"
 
 
-async def test_a_rate_limit_is_retried_after_retry_after(ark: FakeArk, open_gateway: Opener) -> None:
+async def test_a_rate_limit_is_retried_after_retry_after(ark: FakeArk, open_gateway: GatewayOpener) -> None:
     ark.fail("RateLimitExceeded", retry_after="1")
     _, client = await open_gateway(attempts=2)
     result = await client.images.generate(model="seedream-4", prompt="a fox", size="1K")

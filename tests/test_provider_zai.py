@@ -3,12 +3,12 @@ image link, what the gateway answers, every failure, and edits refused before an
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import io
 import json
 import warnings
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
+from functools import partial
 from typing import Any
 
 import aiohttp
@@ -19,17 +19,15 @@ from PIL import Image
 from service.errors import InvalidRequest, UpstreamError, UpstreamRejected
 from service.schemas import ImageSpec
 from service.settings import DeploymentConfig, GatewayConfig, ProviderConfig
-from tests.conftest import Gateway, GatewayFactory
+from tests.conftest import GatewayFactory, GatewayOpener
 from tests.fakes.zai import API_KEY, FakeZai
+from tests.pictures import decode
 from workers.providers.base import Deployment, ImageRequest, InputImage, ProviderResult
 from workers.providers.zai import ZaiProvider
 from workers.router import Router
 
 KEY_ENV = "IMAGEGW_TEST_ZAI_KEY"
 MODEL = "cogview-4-250304"
-
-Opener = Callable[..., Awaitable[tuple[Gateway, openai.AsyncOpenAI]]]
-
 
 @pytest.fixture
 async def zai(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[FakeZai]:
@@ -49,23 +47,14 @@ def zai_config(fake: FakeZai, attempts: int = 1, **options: Any) -> GatewayConfi
 
 
 @pytest.fixture
-async def open_gateway(zai: FakeZai, gateway_factory: GatewayFactory) -> AsyncIterator[Opener]:
-    """`gateway, client = await open_gateway(attempts, **provider_options)`: a gateway before the fake."""
-    clients: list[openai.AsyncOpenAI] = []
-
-    async def open_(attempts: int = 1, **options: Any) -> tuple[Gateway, openai.AsyncOpenAI]:
-        gateway = await gateway_factory(config=zai_config(zai, attempts, **options))
-        clients.append(gateway.client())
-        return gateway, clients[-1]
-
-    yield open_
-    for client in clients:
-        await client.close()
+async def open_gateway(zai: FakeZai, gateway_factory: GatewayFactory) -> AsyncIterator[GatewayOpener]:
+    opener = GatewayOpener(gateway_factory, partial(zai_config, zai))
+    yield opener
+    await opener.close()
 
 
 def picture(b64: str | None) -> Image.Image:
-    assert b64
-    return Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB")
+    return decode(b64).convert("RGB")
 
 
 def input_png() -> bytes:
@@ -99,7 +88,7 @@ async def call_adapter(fake: FakeZai, options: dict[str, Any] | None = None, **s
 @pytest.mark.parametrize(("size", "dims"), [("1024x1024", (1024, 1024)), ("1440x720", (1440, 720)),
                                             ("1280x720", (1280, 720))])
 async def test_sdk_generation_sends_cogviews_request_and_downloads_the_image(
-        zai: FakeZai, open_gateway: Opener, size: str, dims: tuple[int, int]) -> None:
+        zai: FakeZai, open_gateway: GatewayOpener, size: str, dims: tuple[int, int]) -> None:
     _, client = await open_gateway()
     result = await client.images.generate(model="cogview", prompt="a paper crane", size=size, quality="hd",
                                           user="user-123456")
@@ -117,7 +106,7 @@ async def test_sdk_generation_sends_cogviews_request_and_downloads_the_image(
     assert (result.size, result.quality, result.usage) == (size, "hd", None)  # CogView reports no usage
 
 
-async def test_defaults_leave_quality_to_cogview_and_hash_a_short_user(zai: FakeZai, open_gateway: Opener
+async def test_defaults_leave_quality_to_cogview_and_hash_a_short_user(zai: FakeZai, open_gateway: GatewayOpener
                                                                         ) -> None:
     _, client = await open_gateway()
     result = await client.images.generate(model="cogview", prompt="a crane", user="bob")
@@ -126,7 +115,7 @@ async def test_defaults_leave_quality_to_cogview_and_hash_a_short_user(zai: Fake
     assert result.quality == "standard"
 
 
-async def test_n_fans_out_into_parallel_calls(zai: FakeZai, open_gateway: Opener) -> None:
+async def test_n_fans_out_into_parallel_calls(zai: FakeZai, open_gateway: GatewayOpener) -> None:
     _, client = await open_gateway()
     result = await client.images.generate(model="cogview", prompt="three cranes", n=3)
     assert len(zai.posts) == 3 and all(call.json == zai.posts[0].json for call in zai.posts)
@@ -134,7 +123,7 @@ async def test_n_fans_out_into_parallel_calls(zai: FakeZai, open_gateway: Opener
     assert len({picture(item.b64_json).tobytes() for item in result.data}) == 3
 
 
-async def test_sdk_url_form_is_served_by_the_gateway(zai: FakeZai, open_gateway: Opener,
+async def test_sdk_url_form_is_served_by_the_gateway(zai: FakeZai, open_gateway: GatewayOpener,
                                                      http: aiohttp.ClientSession) -> None:
     gateway, client = await open_gateway()
     result = await client.images.generate(model="cogview", prompt="a crane", size="768x1344",
@@ -154,7 +143,7 @@ async def test_sdk_url_form_is_served_by_the_gateway(zai: FakeZai, open_gateway:
     ({"extra_body": {"seed": 1}}, "seed"),
     ({"extra_body": {"watermark": True}}, "watermark"),
 ])
-async def test_parameters_cogview_lacks_are_refused_naming_them(zai: FakeZai, open_gateway: Opener,
+async def test_parameters_cogview_lacks_are_refused_naming_them(zai: FakeZai, open_gateway: GatewayOpener,
                                                                  params: dict[str, Any], param: str) -> None:
     _, client = await open_gateway()
     with pytest.raises(openai.BadRequestError) as caught:
@@ -165,7 +154,7 @@ async def test_parameters_cogview_lacks_are_refused_naming_them(zai: FakeZai, op
 
 # --- generation only ----------------------------------------------------------------------------------------
 
-async def test_edits_and_variations_are_refused_before_any_call(zai: FakeZai, open_gateway: Opener) -> None:
+async def test_edits_and_variations_are_refused_before_any_call(zai: FakeZai, open_gateway: GatewayOpener) -> None:
     _, client = await open_gateway()
     with pytest.raises(openai.BadRequestError) as edit:
         await client.images.edit(model="cogview", prompt="add a hat",
@@ -223,7 +212,7 @@ async def test_an_oversized_image_is_refused(zai: FakeZai) -> None:
     assert caught.value.code == "upstream_answer_too_large"
 
 
-async def test_a_safety_refusal_is_a_400_with_the_reason(zai: FakeZai, open_gateway: Opener) -> None:
+async def test_a_safety_refusal_is_a_400_with_the_reason(zai: FakeZai, open_gateway: GatewayOpener) -> None:
     zai.fail("1301", times=5)
     _, client = await open_gateway(attempts=3)
     with pytest.raises(openai.BadRequestError) as caught:
@@ -241,7 +230,7 @@ async def test_a_refusal_in_one_parallel_call_fails_the_request(zai: FakeZai) ->
         await call_adapter(zai, n=3)
 
 
-async def test_a_bad_key_is_a_502_that_keeps_the_key_secret(zai: FakeZai, open_gateway: Opener,
+async def test_a_bad_key_is_a_502_that_keeps_the_key_secret(zai: FakeZai, open_gateway: GatewayOpener,
                                                              http: aiohttp.ClientSession,
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     wrong = "ffffffffffffffffffffffffffffffff.WrongZhipuSecret"
@@ -257,7 +246,7 @@ async def test_a_bad_key_is_a_502_that_keeps_the_key_secret(zai: FakeZai, open_g
     assert zai.posts[0].headers["authorization"] == f"Bearer {wrong}"
 
 
-async def test_a_server_error_is_retried(zai: FakeZai, open_gateway: Opener) -> None:
+async def test_a_server_error_is_retried(zai: FakeZai, open_gateway: GatewayOpener) -> None:
     zai.fail("500")
     _, client = await open_gateway(attempts=2)
     result = await client.images.generate(model="cogview", prompt="a crane")
