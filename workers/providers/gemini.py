@@ -41,7 +41,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field
 
 from service.errors import UpstreamRejected
 from workers.imaging import image_size
@@ -59,12 +59,12 @@ from workers.providers.base import (
 )
 from workers.providers.translation import (
     MASK_INSTRUCTION,
+    AspectRatio,
     CallResult,
     add_usage,
     calls_for,
     fan_out,
     nearest_aspect_ratio,
-    parse_ratio,
     refuse_parameters,
 )
 from workers.providers.upstream_client import (
@@ -133,20 +133,13 @@ VERSIONED_BASE = re.compile(r"/v\d+(alpha|beta)?\d*$")
 
 class GeminiOptions(ProviderOptions):
     api_version: str = Field("v1beta", description="API version path segment, unless base_url ends in one")
-    aspect_ratios: list[str] | None = Field(
+    aspect_ratios: list[AspectRatio] | None = Field(
         None, description="aspect ratios the model takes; default: Gemini's ten, or Imagen's five")
     image_size: Literal["1K", "2K", "4K"] | None = Field(
         None, description="imageConfig.imageSize (Gemini 3 Pro Image) or Imagen's sampleImageSize")
     images_per_call: int | None = Field(None, ge=1, le=8, description="default: 1 for Gemini, 4 for Imagen")
     person_generation: Literal["dont_allow", "allow_adult", "allow_all"] | None = Field(
         None, description="Imagen's personGeneration")
-
-    @field_validator("aspect_ratios")
-    @classmethod
-    def _ratios(cls, ratios: list[str] | None) -> list[str] | None:
-        for ratio in ratios or []:
-            parse_ratio(ratio)
-        return ratios
 
 
 class GeminiProvider(Provider):

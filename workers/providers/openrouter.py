@@ -28,7 +28,7 @@ from __future__ import annotations
 import base64
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field
 
 from service.errors import GatewayError
 from workers.imaging import image_size
@@ -45,12 +45,12 @@ from workers.providers.base import (
 )
 from workers.providers.translation import (
     MASK_INSTRUCTION,
+    AspectRatio,
     CallResult,
     add_usage,
     calls_for,
     fan_out,
     nearest_aspect_ratio,
-    parse_ratio,
     refuse_parameters,
 )
 from workers.providers.upstream_client import (
@@ -92,16 +92,9 @@ class OpenRouterOptions(ProviderOptions):
     app_title: str | None = Field(None, description="sent as X-Title: the app's name on OpenRouter")
     modalities: list[Literal["image", "text"]] = Field(
         ["image", "text"], description="output modalities; image-only models (FLUX...) take ['image']")
-    aspect_ratios: list[str] = Field(
+    aspect_ratios: list[AspectRatio] = Field(
         list(ASPECT_RATIOS), description="image_config.aspect_ratio values the model takes; [] sends none")
     image_size: Literal["1K", "2K", "4K"] | None = Field(None, description="image_config.image_size")
-
-    @field_validator("aspect_ratios")
-    @classmethod
-    def _ratios(cls, ratios: list[str]) -> list[str]:
-        for ratio in ratios:
-            parse_ratio(ratio)
-        return ratios
 
 
 class OpenRouterProvider(Provider):

@@ -7,7 +7,9 @@ import asyncio
 import math
 from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
+
+from pydantic import AfterValidator
 
 from service.errors import UpstreamRejected
 from service.schemas import ImageSpec
@@ -43,6 +45,15 @@ def parse_ratio(ratio: str) -> float:
     if not sep or value <= 0 or not math.isfinite(value):
         raise ValueError(f"{ratio!r} is not an aspect ratio like '16:9'")
     return value
+
+
+def _checked_ratio(ratio: str) -> str:
+    parse_ratio(ratio)
+    return ratio
+
+
+# an aspect ratio in a provider's options, checked when the config is read
+AspectRatio = Annotated[str, AfterValidator(_checked_ratio)]
 
 
 def nearest_aspect_ratio(spec: ImageSpec, supported: tuple[str, ...]) -> str | None:
