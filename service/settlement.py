@@ -44,7 +44,7 @@ if tonumber(A[3]) > 0 then redis.call('DECRBY', K[4], A[3]) end
 redis.call('ZADD', K[5], A[5], A[4])
 redis.call('ZREMRANGEBYSCORE', K[5], '-inf', A[6])
 redis.call('SADD', K[6], A[7])
-if A[8] ~= '' then redis.call('HINCRBY', K[7], A[8], 1) end
+redis.call('HINCRBY', K[7], A[8], 1)
 if A[9] ~= '' then
   redis.call('HINCRBY', K[8], A[9], 1)
   redis.call('HINCRBYFLOAT', K[8], A[10], A[11])
