@@ -68,6 +68,19 @@ def test_the_split_answer_parses_as_the_whole_one(answer: Any, escape_slashes: b
         assert taken(split(body, sizes, frozenset({"b64_json", "text"}))) == answer
 
 
+def test_a_short_answer_kept_whole_parses_and_reads_as_a_fed_one() -> None:
+    answer = {"data": [{"b64_json": "QQ==", "revised_prompt": "a \"cat\" \\ é"}], "list": [1, 2.5, None, True]}
+    body = json.dumps(answer).encode()
+    kept = JsonSplitter()
+    kept.keep(body)
+    assert kept.parse(frozenset({"b64_json"})) == split(body, [3] * 10, frozenset({"b64_json"})) == answer
+    assert kept.text() == body.decode() and kept.size == len(body)
+    with pytest.raises(ValueError):
+        kept.keep(b"{}")  # a second answer
+    with pytest.raises(ValueError):
+        JsonSplitter().keep(b'"' + b"x" * LONG_STRING + b'"')  # it may hold a long string: feed it instead
+
+
 def test_an_answer_of_many_strings_is_split_only_so_far() -> None:
     answer = {"many": ["x"] * (MAX_SPLIT_STRINGS + 10), "data": [{"b64_json": LONG}]}
     parsed = split(json.dumps(answer).encode(), [5000] * 20, frozenset({"b64_json"}))

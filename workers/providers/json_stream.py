@@ -71,6 +71,14 @@ class JsonSplitter:
             self._end_string()
             pos = quote + 1
 
+    def keep(self, body: bytes) -> None:
+        """A whole answer shorter than `LONG_STRING`: none of its strings can be long, so it is kept without the
+        scan `feed` makes (a turn of a Python loop per string, which costs more than parsing a small answer)."""
+        if self.size or len(body) >= LONG_STRING:
+            raise ValueError("keep takes a whole answer shorter than LONG_STRING")
+        self.small += body
+        self.size = len(body)
+
     def _closing_quote(self, chunk: bytes, start: int) -> int:
         """The first quote from `start` that no backslash escapes; -1 when the string goes on past the chunk."""
         quote = chunk.find(QUOTE, start)

@@ -13,7 +13,7 @@ from multidict import CIMultiDictProxy
 
 from service.errors import GatewayError, UpstreamError, UpstreamRejected, UpstreamTimeout
 from workers.providers.base import Deployment
-from workers.providers.json_stream import JsonSplitter
+from workers.providers.json_stream import LONG_STRING, JsonSplitter
 
 # JSON answers carry base64 images: several 4K pictures fit well below this
 MAX_ANSWER_BYTES = 128 * 1024 * 1024
@@ -134,6 +134,9 @@ class UpstreamClient:
         """The whole body, split as it arrives, refused as soon as it grows past the cap instead of after
         buffering it all."""
         answer = JsonSplitter()
+        if resp.content_length is not None and resp.content_length < LONG_STRING:
+            answer.keep(await resp.read())  # the common small answer (errors, URLs): nothing to split
+            return answer
         if (resp.content_length or 0) <= MAX_ANSWER_BYTES:
             async for chunk in resp.content.iter_any():
                 if answer.size + len(chunk) > MAX_ANSWER_BYTES:
