@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 import uuid
 from typing import Any
@@ -68,7 +69,7 @@ class JobRecord(BaseModel):
 
     def to_hash(self) -> dict[str, str]:
         data = self.model_dump(mode="json", exclude_none=True)
-        return {k: v if isinstance(v, str) else json.dumps(v) for k, v in data.items()}
+        return {k: _hash_value(v) for k, v in data.items()}
 
     @classmethod
     def from_hash(cls, raw: dict[bytes, bytes]) -> JobRecord:
@@ -217,9 +218,12 @@ def failed_fields(failure: JobFailure, status: JobStatus = "failed") -> dict[str
 
 
 def _hash_value(value: Any) -> str:
-    """A record field as its hash stores it (see `JobRecord.to_hash`)."""
+    """A record field as its hash stores it: strings as they are, everything else as JSON."""
     if isinstance(value, str):
         return value
+    # the numbers of every record (progress, timestamps) without the JSON encoder's cost: the same text
+    if type(value) is int or (type(value) is float and math.isfinite(value)):
+        return repr(value)
     if isinstance(value, BaseModel):
         return value.model_dump_json(exclude_none=True)
     return json.dumps(value)

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import time
 from typing import Any
 
 import aiohttp
 import socketio
 
+from service.jobs import JobRecord, StoredImage, StoredResult
+from service.schemas import ImageSpec
 from service.settings import GatewayConfig
 from tests.conftest import Gateway, GatewayFactory, local_config
 
@@ -238,3 +242,16 @@ async def test_bad_provider_options_stop_start_up(gateway_factory: GatewayFactor
         assert "models.broken.deployments.0" in str(exc) and "steps" in str(exc)
     else:
         raise AssertionError("a provider with invalid options started")
+
+
+def test_a_record_is_stored_as_json_text_per_field_and_read_back_whole() -> None:
+    now = time.time()
+    record = JobRecord(id="e" * 32, owner="key:alice", model="imagegw-local", created_at=now, started_at=now + 0.25,
+                       finished_at=now + 1e-7, status="succeeded", progress=100, stage="done", attempts=2,
+                       spec=ImageSpec(model="imagegw-local", prompt="a \"quoted\" é", size="64x64", n=2),
+                       result=StoredResult(created=int(now), size="64x64", provider="local",
+                                           images=[StoredImage(name="e" * 32 + "/0.png")]))
+    stored = record.to_hash()
+    for name, value in record.model_dump(mode="json", exclude_none=True).items():
+        assert stored[name] == (value if isinstance(value, str) else json.dumps(value))
+    assert JobRecord.from_hash({k.encode(): v.encode() for k, v in stored.items()}) == record
