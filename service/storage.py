@@ -7,7 +7,6 @@ import hashlib
 import hmac
 import logging
 import re
-import shutil
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -88,7 +87,10 @@ class UrlSigner:
 
 
 class LocalStorage:
-    """Images as files under one directory, served back by the gateway through signed URLs."""
+    """Images as files under one directory, served back by the gateway through signed URLs.
+
+    `{job}/{index}.png` is the file `{job[:2]}/{job}-{index}.png`: 256 folders made once, rather than a
+    folder per job, whose creation cost as much as writing a small image."""
 
     def __init__(self, root: Path, signer: UrlSigner) -> None:
         self.root = root
@@ -98,7 +100,12 @@ class LocalStorage:
     def _path(self, name: str) -> Path:
         if not NAME_PATTERN.match(name):
             raise ValueError(f"invalid storage name {name!r}")
-        return self.root / name
+        job_id, file = name.split("/")
+        return self.root / job_id[:2] / f"{job_id}-{file}"
+
+    def files(self, job_id: str) -> list[Path]:
+        """The files stored for one job."""
+        return sorted((self.root / job_id[:2]).glob(f"{job_id}-*"))
 
     async def put(self, name: str, data: bytes) -> None:
         if len(data) <= INLINE_IO_BYTES:
@@ -108,9 +115,12 @@ class LocalStorage:
 
     @staticmethod
     def _write(path: Path, data: bytes) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
-        tmp.write_bytes(data)
+        try:
+            tmp.write_bytes(data)
+        except FileNotFoundError:  # the first file of its folder
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_bytes(data)
         tmp.replace(path)  # readers never see half a file
 
     async def get(self, name: str) -> bytes | None:
@@ -123,7 +133,11 @@ class LocalStorage:
             return None
 
     async def delete_job(self, job_id: str) -> None:
-        await asyncio.to_thread(shutil.rmtree, self.root / job_id, True)
+        def delete() -> None:
+            for path in self.files(job_id):
+                path.unlink(missing_ok=True)
+
+        await asyncio.to_thread(delete)
 
     async def public_url(self, name: str, base_url: str) -> str:
         return self.signer.sign(name, base_url)
@@ -133,11 +147,14 @@ class LocalStorage:
 
     def _purge(self, cutoff: float) -> int:
         deleted = 0
-        for job_dir in self.root.iterdir():
-            files = list(job_dir.iterdir()) if job_dir.is_dir() else []
-            if all(f.stat().st_mtime < cutoff for f in files):
-                deleted += len(files)
-                shutil.rmtree(job_dir, ignore_errors=True)
+        for folder in self.root.iterdir():
+            for path in folder.iterdir() if folder.is_dir() else ():
+                try:
+                    if path.stat().st_mtime < cutoff:
+                        path.unlink()
+                        deleted += 1
+                except FileNotFoundError:  # deleted meanwhile (its job was cancelled, or another sweep)
+                    pass
         return deleted
 
 

@@ -203,7 +203,7 @@ async def test_spliced_response_writes_what_model_response_writes(large: bool) -
 
 async def test_an_answer_is_made_from_held_images_without_reading_them_back(gateway: Gateway) -> None:
     result = await gateway.client().images.generate(prompt="two lighthouses", n=2, size="256x256")
-    job_id = next((gateway.settings.data_dir / "files").iterdir()).name
+    job_id = next((gateway.settings.data_dir / "files").glob("*/*-0.png")).name.split("-")[0]  # the only job
     record = await gateway.app[DISPATCHER].store.get(job_id)
     assert record is not None and record.result is not None
     stored = [base64.b64decode(item.b64_json or "") for item in result.data or []]

@@ -88,8 +88,8 @@ class Cluster(ProcessCluster):
         return Ledger(statuses=statuses, records=records, usage=mine)
 
     def result_files(self, job_id: str) -> list[Path]:
-        folder = self.data_dir / "files" / job_id
-        return sorted(p for p in folder.glob("*") if p.stem.isdigit()) if folder.exists() else []
+        return [path for path in (self.data_dir / "files" / job_id[:2]).glob(f"{job_id}-*")
+                if path.stem.split("-")[1].isdigit()]
 
     async def settled(self, before: set[str], expected: int, within: float = 30) -> Ledger:
         """The jobs created since `before`, once every one has ended; asserts there are `expected` of them,
