@@ -36,7 +36,9 @@ class JobProgress:
         self.sent = (0, "starting")  # the job's start recorded and published this opening state
         self.last_sent_at = time.monotonic()
         self.partials = 0
-        self._flush: asyncio.Task[None] | None = None
+        self.closed = False
+        self._flush: asyncio.Task[None] | None = None  # waits out the interval, then sends the latest state
+        self._sending: asyncio.Task[None] | None = None  # the flush's send under way
 
     async def update(self, fraction: float, stage: str) -> None:
         # 100 belongs to the terminal event; keep the bar at 99 until the images are stored
@@ -45,30 +47,40 @@ class JobProgress:
         wait = self.last_sent_at + self.interval - time.monotonic()
         if wait <= 0:
             await self._send()
-        elif self._flush is None:
+        elif self._flush is None and not self.closed:
             self._flush = asyncio.create_task(self._send_later(wait))
 
     async def _send_later(self, delay: float) -> None:
-        await asyncio.sleep(delay)
+        while True:
+            await asyncio.sleep(delay)
+            self._sending = asyncio.create_task(self._send())
+            await asyncio.shield(self._sending)  # `close` stops the flush, not a send half-way: it waits for it
+            if (self.percent, self.stage) == self.sent:  # else it was updated during the send
+                break
+            delay = self.interval
         self._flush = None
-        await self._send()
 
     async def _send(self) -> None:
         state = (self.percent, self.stage)
-        if state == self.sent:
+        if state == self.sent or self.closed:
             return
         self.sent = state
         self.last_sent_at = time.monotonic()
-        await self.res.store.set_progress(self.job_id, self.percent, self.stage)
-        await self.res.publisher.progress(self.job_id, self.percent, self.stage)
+        await self.res.store.set_progress(self.job_id, *state)
+        await self.res.publisher.progress(self.job_id, *state)
 
     async def partial_image(self, image: bytes, fmt: str) -> None:
         await self.res.publisher.partial_image(self.job_id, self.partials, image, fmt)
         self.partials += 1
 
-    def close(self) -> None:
+    async def close(self) -> None:
+        """Before the job's terminal event, which no progress event may follow: a waiting flush is dropped, a
+        send half-way is waited for, and later updates are ignored."""
+        self.closed = True
         if self._flush is not None:
             self._flush.cancel()
+        await asyncio.gather(*(task for task in (self._flush, self._sending) if task is not None),
+                             return_exceptions=True)
 
 
 async def run_image_job(ctx: dict[str, Any], job_id: str, owner: str, run_for: float) -> None:
@@ -102,22 +114,23 @@ async def run_started(res: WorkerResources, record: JobRecord) -> JobRecord | No
     JOB_ID.set(record.id)
     progress = JobProgress(res, record.id)
     timeout = res.config.models[record.model].timeout if record.model in res.config.models else None
+    failure: GatewayError | None = None
     try:
         request = await load_request(res, record)
         async with asyncio.timeout(timeout):
             routed = await res.router.generate(request, progress)
         result = await store_images(res, record, routed)
     except GatewayError as exc:
-        return await asyncio.shield(finish_failed(res, record, exc))
+        failure = exc
     except TimeoutError:
-        return await asyncio.shield(finish_failed(res, record, UpstreamTimeout(
-            f"The job did not finish within the model's timeout of {timeout:g} s.")))
+        failure = UpstreamTimeout(f"The job did not finish within the model's timeout of {timeout:g} s.")
     except Exception:  # a bug in a provider must still end the job; CancelledError is not caught here
         log.exception("job %s failed unexpectedly", record.id)
-        return await asyncio.shield(
-            finish_failed(res, record, InternalError("The image back end failed unexpectedly.")))
+        failure = InternalError("The image back end failed unexpectedly.")
     finally:
-        progress.close()
+        await progress.close()  # before the terminal event: see `JobProgress.close`
+    if failure is not None:
+        return await asyncio.shield(finish_failed(res, record, failure))
     return await asyncio.shield(finish_succeeded(res, record, result))
 
 

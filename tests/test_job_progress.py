@@ -1,0 +1,77 @@
+"""The progress a running job reports: throttled to one event per interval, the latest state always sent, and
+nothing sent once the job has ended."""
+
+from __future__ import annotations
+
+import asyncio
+from types import SimpleNamespace
+from typing import cast
+
+from workers.resources import WorkerResources
+from workers.tasks import JobProgress
+
+INTERVAL = 0.05
+
+
+class Recorder:
+    """The store and publisher of a job's progress; a send can be held half-way, between its two writes."""
+
+    def __init__(self) -> None:
+        self.stored: list[tuple[int, str]] = []
+        self.published: list[tuple[int, str]] = []
+        self.gate = asyncio.Event()
+        self.gate.set()
+        self.in_send = asyncio.Event()
+
+    async def set_progress(self, job_id: str, progress: int, stage: str) -> None:
+        self.stored.append((progress, stage))
+        self.in_send.set()
+        await self.gate.wait()
+
+    async def progress(self, job_id: str, progress: int, stage: str) -> None:
+        self.published.append((progress, stage))
+
+
+def job_progress(recorder: Recorder) -> JobProgress:
+    res = SimpleNamespace(settings=SimpleNamespace(progress_interval=INTERVAL), store=recorder, publisher=recorder)
+    return JobProgress(cast(WorkerResources, res), "job")
+
+
+async def test_updates_within_an_interval_end_in_one_event_with_the_latest_state() -> None:
+    recorder = Recorder()
+    progress = job_progress(recorder)
+    for step in range(1, 6):
+        await progress.update(step / 10, f"step {step}")
+    await asyncio.sleep(INTERVAL * 3)
+    assert recorder.published == [(50, "step 5")]
+    await progress.close()
+
+
+async def test_an_update_made_while_a_flush_is_sent_is_sent_next() -> None:
+    recorder = Recorder()
+    progress = job_progress(recorder)
+    recorder.gate.clear()
+    await progress.update(0.1, "step 1")  # within the interval of the opening state: flushed later
+    await asyncio.wait_for(recorder.in_send.wait(), 1)
+    await progress.update(0.2, "step 2")  # while that flush is half-way
+    recorder.gate.set()
+    await asyncio.sleep(INTERVAL * 3)
+    assert recorder.published == [(10, "step 1"), (20, "step 2")]
+    await progress.close()
+
+
+async def test_closing_waits_for_a_flush_half_sent_and_nothing_is_sent_after() -> None:
+    recorder = Recorder()
+    progress = job_progress(recorder)
+    recorder.gate.clear()
+    await progress.update(0.5, "sampling")
+    await asyncio.wait_for(recorder.in_send.wait(), 1)
+    closing = asyncio.create_task(progress.close())
+    await asyncio.sleep(INTERVAL)
+    assert not closing.done()  # the half-sent event is not left to land after the terminal one
+    recorder.gate.set()
+    await asyncio.wait_for(closing, 1)
+    published = list(recorder.published)
+    await progress.update(0.9, "decoding")  # a provider late with an update
+    await asyncio.sleep(INTERVAL * 3)
+    assert recorder.published == published
