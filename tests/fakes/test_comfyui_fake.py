@@ -10,6 +10,7 @@ import copy
 import io
 import json
 import struct
+import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -532,6 +533,27 @@ async def test_sampler_progress_and_previews(fake: FakeComfyUI, session: aiohttp
     assert previews[0][8 + length :][:3] == JPEG_MAGIC
     await plain.ws.close()
     await modern.ws.close()
+
+
+async def test_record_sent_stamps_every_text_frame_written(session: aiohttp.ClientSession) -> None:
+    async with FakeComfyUI(record_sent=True, previews=False) as fake:
+        client = await connect(session, fake)
+        other = await connect(session, fake)
+        before = time.monotonic()
+        prompt_id = await client.submit(sd_prompt(steps=2))
+        frames = await client.frames_until_done(prompt_id)
+        received = time.monotonic()
+        mine = [sent for sent in fake.sent_frames if sent.client_id == client.client_id]
+        # the greeting, then each frame the client read, in order, stamped while the prompt ran
+        assert [json.loads(sent.text)["type"] for sent in mine] == ["status"] + [f.type for f in frames]
+        assert [sent.at for sent in mine] == sorted(sent.at for sent in mine)
+        assert before <= mine[1].at and mine[-1].at <= received
+        assert {sent.client_id for sent in fake.sent_frames} == {client.client_id, other.client_id}
+        await client.ws.close()
+        await other.ws.close()
+    async with FakeComfyUI() as quiet:
+        await connect(session, quiet)
+        assert quiet.sent_frames == []  # recording is opt-in
 
 
 async def test_legacy_server_shapes(session: aiohttp.ClientSession) -> None:
