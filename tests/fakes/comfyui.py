@@ -492,6 +492,7 @@ class FakeComfyUI:
         fail_node: str | None = None,
         fail_message: str = "fake failure",
         hang: bool = False,
+        hold: bool = False,
         legacy: bool = False,
         checkpoints: Sequence[str] = DEFAULT_CHECKPOINTS,
         extra_node_types: Mapping[str, NodeType] | None = None,
@@ -505,6 +506,7 @@ class FakeComfyUI:
         self.fail_node = fail_node  # node id that raises -> execution_error
         self.fail_message = fail_message
         self.hang = hang  # the first executed node never returns (only /interrupt ends it)
+        self.hold = hold  # prompts stay queued, none starts, until release()
         # Speak like a server from before the 2024 execution rework: no progress_state, feature flags,
         # TEXT frames or display_node, and progress frames with only value and max.
         self.legacy = legacy
@@ -592,6 +594,11 @@ class FakeComfyUI:
     @property
     def pending(self) -> list[QueueItem]:
         return [entry[2] for entry in sorted(self._queue)]
+
+    def release(self) -> None:
+        """Stop holding prompts: the queued ones run, in their order."""
+        self.hold = False
+        self._wakeup.set()
 
     async def drop_websockets(self, *, abrupt: bool = False) -> None:
         """Close every WebSocket (a close frame, or with ``abrupt`` a bare TCP reset); runs go on."""
@@ -1111,7 +1118,7 @@ class FakeComfyUI:
     async def _work(self) -> None:
         """ComfyUI's prompt_worker: one prompt at a time, lowest number first."""
         while True:
-            while not self._queue:
+            while not self._queue or self.hold:
                 self._wakeup.clear()
                 await self._wakeup.wait()
             item = heapq.heappop(self._queue)[2]

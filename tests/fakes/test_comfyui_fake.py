@@ -6,6 +6,7 @@ end of the prompt, ``/history``, ``/view``) and compares with ``shared/comfyui-p
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import io
 import json
@@ -499,6 +500,21 @@ async def test_queue_runs_one_prompt_at_a_time(fake: FakeComfyUI, session: aioht
     assert list(await client.get_json("/history?max_items=2")) == [front, third]
     assert await client.get_json("/queue") == misc["queue_final"]
     await client.ws.close()
+
+
+async def test_hold_keeps_prompts_queued_until_released(session: aiohttp.ClientSession) -> None:
+    async with FakeComfyUI(hold=True, step_delay=0.001) as fake:
+        client = await connect(session, fake)
+        first, second = [await client.submit(sd_prompt(steps=2, seed=seed)) for seed in (1, 2)]
+        await asyncio.sleep(0.05)
+        queue = await client.get_json("/queue")
+        assert queue["queue_running"] == [] and [item[1] for item in queue["queue_pending"]] == [first, second]
+        assert fake.executed_prompt_ids == []
+        fake.release()
+        await client.frames_until_done(first)
+        await client.frames_until_done(second)
+        assert fake.executed_prompt_ids == [first, second]
+        await client.ws.close()
 
 
 async def test_sampler_progress_and_previews(fake: FakeComfyUI, session: aiohttp.ClientSession) -> None:
