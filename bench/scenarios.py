@@ -485,9 +485,9 @@ STEP = re.compile(r"sampling step (\d+)/(\d+)")
 async def comfyui_progress(bench: Bench, gateway: Service, plain: Service, farm: Service) -> None:
     """The issue's progress row end to end: fake ComfyUI frame -> the worker's ComfyUI provider -> its progress
     reporter -> Redis -> the front end -> Socket.IO subscribers. Jobs are queued first, their subscribers
-    connected, then a worker with a slot per job started; each sampler step's event is timed from the send of
-    the farm's first frame of that step (jobs are told apart by their prompt). The baseline publishes as many
-    events at the same rate through Redis to `bench.plain_ws`."""
+    connected, then a worker with a slot per job started, and the farm runs the prompts once it holds them all;
+    each sampler step's event is timed from the send of the farm's first frame of that step (jobs are told apart
+    by their prompt). The baseline publishes as many events at the same rate through Redis to `bench.plain_ws`."""
     sizes = bench.sizes
     bodies, jobs = [], {}  # job id -> its prompt, which names it at the farm
     for i in range(sizes.progress_jobs):
