@@ -75,7 +75,12 @@ async def run(bench: Bench, groups: set[str]) -> None:
         # a front end whose queue no worker serves: its jobs stay queued and get only the bench's events
         front = await stack.start_gateway("progress", redis=True, queue="bench:parked")
         plain = await stack.start_plain_ws()
-        await scenarios.progress(bench, front, plain)
+        await scenarios.progress_fanout(bench, front, plain)
+        await stack.stop(front)
+        # then real jobs, on a fresh front end that knows the farm (the config is written when the farm starts)
+        farm = await stack.start_comfyui(bench.sizes.progress_jobs)
+        front = await stack.start_gateway("progress-comfyui", redis=True, queue=scenarios.COMFYUI_QUEUE)
+        await scenarios.comfyui_progress(bench, front, plain, farm)
 
 
 async def main(quick: bool, groups: set[str], output: Path) -> int:

@@ -6,7 +6,7 @@ minimal keep-alive HTTP/1.1 client on asyncio streams: much cheaper per request 
 small machine the generator takes as little CPU as possible from the servers it measures.
 
 Commands (`op`): `closed` (fixed concurrency), `open` (fixed rate, latency from the scheduled send time),
-`subscribe` / `publish` / `unsubscribe` (progress subscribers), `quit`.
+`subscribe` / `publish` / `journal` / `unsubscribe` (progress subscribers), `quit`.
 """
 
 from __future__ import annotations

@@ -7,24 +7,35 @@ upstream (whose call counter is checked after every gateway round), its images s
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
+import re
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 from redis.asyncio import Redis
 
 from bench.report import Row, Target, percentile, row
-from bench.servers import GATEWAY_KEY, UPSTREAM_MODEL, LoadProcess, Service, Stack
-from service.constants import JOB_KEY
-from service.settings import Settings
+from bench.servers import COMFYUI_MODEL, GATEWAY_KEY, UPSTREAM_MODEL, LoadProcess, Service, Stack
+from service.constants import (
+    EVENT_PROGRESS,
+    JOB_KEY,
+    JOB_ROOM,
+    PROGRESS_NAMESPACE,
+    SOCKETIO_CHANNEL,
+    TERMINAL_EVENTS,
+)
 
 PROMPT = "a lighthouse on a cliff at dusk, oil painting"
 ASYNC = {"Prefer": "respond-async"}
 QUEUE = "bench:queue"
+COMFYUI_QUEUE = "bench:comfyui"
 
 
 @dataclass
@@ -40,7 +51,6 @@ class Sizes:
     slow_jobs: int
     progress_jobs: int
     subscribers: int
-    progress_events: int
     fanout_events: int
     large_rounds: int
 
@@ -49,10 +59,10 @@ class Sizes:
         if quick:
             return cls(rounds=3, latency_requests=100, rate_seconds=2, throughput_requests=600,
                        drain_jobs=2000, pickup_jobs=100, slow_jobs=200, progress_jobs=20, subscribers=200,
-                       progress_events=200, fanout_events=500, large_rounds=1)
+                       fanout_events=500, large_rounds=1)
         return cls(rounds=5, latency_requests=400, rate_seconds=10, throughput_requests=6000,
                    drain_jobs=10_000, pickup_jobs=300, slow_jobs=2000, progress_jobs=100, subscribers=1000,
-                   progress_events=1000, fanout_events=3000, large_rounds=3)
+                   fanout_events=3000, large_rounds=3)
 
 
 @dataclass
@@ -85,8 +95,6 @@ class Bench:
                 "headers": {"Authorization": "Bearer sk-bench-upstream"}, "contains": '"b64_json"'}
 
     async def upstream_calls(self) -> dict[str, int]:
-        import aiohttp
-
         async with aiohttp.ClientSession() as http, http.get(self.stack.upstream_url + "/stats") as resp:
             calls: dict[str, int] = await resp.json()
             return calls
@@ -219,13 +227,14 @@ async def job_times(redis: Redis, bodies: Sequence[str]) -> list[dict[str, Any]]
              "finished": float(f) if f else None} for s, c, st, f in raw]
 
 
-async def wait_drained(redis: Redis, bodies: Sequence[str], within: float) -> list[dict[str, Any]]:
+async def wait_drained(redis: Redis, bodies: Sequence[str], within: float, queue: str = QUEUE
+                       ) -> list[dict[str, Any]]:
     """The jobs' timings once all have ended; polling is fine here, the timings come from the records."""
     deadline = time.monotonic() + within
     ended = False
     while not ended:
         await asyncio.sleep(0.05)
-        queued = await redis.zcard(QUEUE)
+        queued = await redis.zcard(queue)
         times = [] if queued else await job_times(redis, bodies)
         ended = bool(times) and all(t["status"] in ("succeeded", "failed", "cancelled") for t in times)
         if time.monotonic() > deadline:
@@ -237,8 +246,8 @@ async def wait_drained(redis: Redis, bodies: Sequence[str], within: float) -> li
 
 
 async def submit(bench: Bench, gateway: Service, model: str, jobs: int, concurrency: int = 16,
-                 pause: float = 0.0) -> list[str]:
-    target = bench.gateway_target(gateway, model, headers=ASYNC, status=202)
+                 pause: float = 0.0, **params: Any) -> list[str]:
+    target = bench.gateway_target(gateway, model, headers=ASYNC, status=202, **params)
     result = await bench.load.run("closed", target=target, concurrency=concurrency, count=jobs, keep=True,
                                   pause=pause)
     if result["errors"]:
@@ -365,9 +374,10 @@ async def large(bench: Bench, gateway: Service) -> None:
 
 # progress
 
-async def progress(bench: Bench, gateway: Service, plain: Service) -> None:
-    """Subscribers on the gateway's Socket.IO and on the plain WebSocket server, events published through
-    Redis: delivery latency (paced), fan-out rate (back to back) and memory per idle subscriber."""
+async def progress_fanout(bench: Bench, gateway: Service, plain: Service) -> None:
+    """Subscribers on the gateway's Socket.IO and on the plain WebSocket server, for jobs that stay queued (no
+    worker serves the gateway's queue), events published back to back through Redis by the worker-side
+    publisher: fan-out rate and memory per idle subscriber."""
     sizes = bench.sizes
     bodies = await submit(bench, gateway, "bench-queued", sizes.progress_jobs)
     job_ids = [json.loads(b)["id"] for b in bodies]
@@ -379,18 +389,8 @@ async def progress(bench: Bench, gateway: Service, plain: Service) -> None:
                              count=sizes.subscribers)
         await asyncio.sleep(1.0)
         memory[kind] = (_status(pid)["VmRSS"] - before) / 2**20 * 1000 / sizes.subscribers
-    # paced like real jobs: each reports at most once per progress interval (0.2 s by default), so 100 jobs
-    # make 500 events/s, each reaching subscribers / jobs clients
-    interval = Settings.model_fields["progress_interval"].default / len(job_ids)
-    latency: dict[str, list[float]] = {"sio": [], "plain": []}
     lost = {"sio": 0, "plain": 0}
     rates: dict[str, list[float]] = {"sio": [], "plain": []}
-    for _ in range(2):
-        for kind in ("sio", "plain"):
-            result = await bench.load.run("publish", kind=kind, redis_url=redis_url, job_ids=job_ids,
-                                          events=sizes.progress_events, interval=interval)
-            latency[kind] += result["latencies"]
-            lost[kind] += result["expected"] - result["received"]
     for _ in range(2):
         for kind in ("sio", "plain"):
             result = await bench.load.run("publish", kind=kind, redis_url=redis_url, job_ids=job_ids,
@@ -399,15 +399,153 @@ async def progress(bench: Bench, gateway: Service, plain: Service) -> None:
             rates[kind].append(result["received"] / result["elapsed"])
     for kind in ("sio", "plain"):
         await bench.load.run("unsubscribe", kind=kind)
-    scenario = f"progress, {sizes.progress_jobs} jobs, {sizes.subscribers:,} subscribers (Redis publish)"
+    if lost["sio"] or lost["plain"]:
+        bench.notes.append(f"fan-out: {lost['sio']} Socket.IO and {lost['plain']} plain deliveries missing")
     bench.add(
-        row(scenario, "p50 delivery latency", "ms", ms(latency["sio"], 50), ms(latency["plain"], 50),
-            Target.at_most(2, "ms")),
-        row(scenario, "p99 delivery latency", "ms", ms(latency["sio"], 99), ms(latency["plain"], 99),
-            Target.at_most(10, "ms")),
-        row(scenario, "events lost", "events", lost["sio"], lost["plain"], Target.at_most(0, "events")),
         row("Socket.IO fan-out, one front-end process", "events delivered", "events/s", max(rates["sio"]),
             max(rates["plain"]), Target.at_least(10_000, "events/s")),
         row("idle subscribers, one front-end process", "memory per 1,000", "MiB", memory["sio"],
             memory["plain"], Target.at_most(30, "MiB")),
+    )
+
+
+class PublishedEvents:
+    """What the workers published, read where the front ends read it: the Socket.IO Redis channel. Counts each
+    job's progress events up to its terminal event: what each of its subscribers is owed (nothing follows a
+    terminal event; progress published after it is counted apart)."""
+
+    def __init__(self, redis_url: str) -> None:
+        self.redis = Redis.from_url(redis_url)
+        self.progress: Counter[str] = Counter()
+        self.ended: set[str] = set()
+        self.after_end = 0
+        self._seen = asyncio.Event()
+        self._reader: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> PublishedEvents:
+        subscribed = asyncio.Event()
+        self._reader = asyncio.create_task(self._read(subscribed))
+        await asyncio.wait_for(subscribed.wait(), 10)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._reader is not None
+        self._reader.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._reader
+        await self.redis.aclose()
+
+    async def _read(self, subscribed: asyncio.Event) -> None:
+        room = JOB_ROOM.format("")
+        async with self.redis.pubsub(ignore_subscribe_messages=True) as pubsub:
+            await pubsub.subscribe(SOCKETIO_CHANNEL)
+            subscribed.set()
+            async for message in pubsub.listen():
+                event = json.loads(message["data"])
+                if event.get("namespace") != PROGRESS_NAMESPACE or not str(event.get("room")).startswith(room):
+                    continue
+                job_id = event["room"].removeprefix(room)
+                if event["event"] == EVENT_PROGRESS and job_id in self.ended:
+                    self.after_end += 1
+                elif event["event"] == EVENT_PROGRESS:
+                    self.progress[job_id] += 1
+                elif event["event"] in TERMINAL_EVENTS:
+                    self.ended.add(job_id)
+                    self._seen.set()
+
+    async def all_ended(self, job_ids: Sequence[str], within: float) -> None:
+        """Until every job's terminal event was read, so that all it published before is counted."""
+        async with asyncio.timeout(within):
+            while not self.ended >= set(job_ids):
+                self._seen.clear()
+                await self._seen.wait()
+
+
+async def run_on_farm(farm: Service, worker: Service, jobs: int) -> None:
+    """Once the farm holds every job's prompt and the worker has gone quiet (its start of the jobs done), the
+    farm runs them: the rows time the progress of running jobs, not the burst of their start."""
+    async with aiohttp.ClientSession() as http, asyncio.timeout(60 + jobs):
+        while True:
+            async with http.get(farm.url + "/held") as resp:
+                if (await resp.json())["held"] == jobs:
+                    break
+            await asyncio.sleep(0.1)
+        while True:  # quiet: under 10% of a core over 0.2 s
+            used = cpu_seconds([worker.pid])
+            await asyncio.sleep(0.2)
+            if cpu_seconds([worker.pid]) - used < 0.02:
+                break
+        async with http.post(farm.url + "/release") as resp:
+            resp.raise_for_status()
+
+
+STEP = re.compile(r"sampling step (\d+)/(\d+)")
+
+
+async def comfyui_progress(bench: Bench, gateway: Service, plain: Service, farm: Service) -> None:
+    """The issue's progress row end to end: fake ComfyUI frame -> the worker's ComfyUI provider -> its progress
+    reporter -> Redis -> the front end -> Socket.IO subscribers. Jobs are queued first, their subscribers
+    connected, then a worker with a slot per job started, and the farm runs the prompts once it holds them all;
+    each sampler step's event is timed from the send of the farm's first frame of that step (jobs are told apart
+    by their prompt). The baseline publishes as many events at the same rate through Redis to `bench.plain_ws`."""
+    sizes = bench.sizes
+    bodies, jobs = [], {}  # job id -> its prompt, which names it at the farm
+    for i in range(sizes.progress_jobs):
+        prompt = f"{PROMPT}, progress job {i}"
+        bodies += await submit(bench, gateway, COMFYUI_MODEL, 1, prompt=prompt, size="256x256", quality="low")
+        jobs[json.loads(bodies[-1])["id"]] = prompt
+    subscribed = await bench.load.run("subscribe", kind="sio", url=gateway.url, api_key=GATEWAY_KEY,
+                                      job_ids=list(jobs), count=sizes.subscribers, journal=True)
+    redis = Redis.from_url(bench.stack.redis_url)
+    try:
+        async with PublishedEvents(bench.stack.redis_url) as published:
+            worker = await bench.stack.start_worker("worker-comfyui", queue=COMFYUI_QUEUE, slots=len(jobs))
+            await run_on_farm(farm, worker, len(jobs))
+            await wait_drained(redis, bodies, 60 + len(jobs), COMFYUI_QUEUE)
+            await published.all_ended(list(jobs), 10)
+    finally:
+        await redis.aclose()
+    journal = await bench.load.run("journal", kind="sio", within=10)
+    await bench.load.run("unsubscribe", kind="sio")
+    await bench.stack.stop(worker)
+    async with aiohttp.ClientSession() as http, http.get(farm.url + "/steps") as resp:
+        sent = {prompt["prompt"]: prompt["steps"] for prompt in await resp.json()}
+
+    latencies: dict[bool, list[float]] = {True: [], False: []}  # by "the job's last step"
+    stepped = set()
+    for job_id, stage, received in journal["events"]:
+        if step := STEP.fullmatch(stage):
+            latencies[step[1] == step[2]].append(received - sent[jobs[job_id]][step[1]])
+            stepped.add((job_id, step[1]))
+    steps = sum(len(job_steps) for job_steps in sent.values())
+    if len(stepped) < steps:
+        bench.notes.append(f"ComfyUI progress: {steps - len(stepped)} of {steps} sampler steps had no event of "
+                           "their own (coalesced by the progress interval)")
+    if published.after_end:
+        bench.notes.append(f"ComfyUI progress: {published.after_end} progress events were published after their "
+                           "job's terminal event (no subscriber gets them: not counted as lost)")
+    if latencies[True] and latencies[False]:
+        bench.notes.append(f"ComfyUI progress: p99 {ms(latencies[True], 99):.3g} ms for the jobs' last steps (all "
+                           f"jobs end within one step delay), {ms(latencies[False], 99):.3g} ms for the others")
+    # each subscriber is owed every progress event its job published, then the job's terminal event
+    owed = sum((published.progress[job_id] + (job_id in published.ended)) * count
+               for job_id, count in subscribed["per_job"].items())
+    lost = owed - len(journal["events"]) - journal["ended"]
+
+    # the baseline: as many events as there were steps, at the rate the farm sent them
+    times = sorted(at for job_steps in sent.values() for at in job_steps.values())
+    await bench.load.run("subscribe", kind="plain", url=plain.url, api_key=GATEWAY_KEY, job_ids=list(jobs),
+                         count=sizes.subscribers)
+    base = await bench.load.run("publish", kind="plain", redis_url=bench.stack.redis_url, job_ids=list(jobs),
+                                events=steps, interval=(times[-1] - times[0]) / max(1, steps - 1))
+    await bench.load.run("unsubscribe", kind="plain")
+    every = latencies[True] + latencies[False]
+    scenario = f"progress, {len(jobs)} jobs on a fake ComfyUI farm, {sizes.subscribers:,} subscribers"
+    bench.add(
+        row(scenario, "p50 delivery latency", "ms", ms(every, 50), ms(base["latencies"], 50),
+            Target.at_most(2, "ms")),
+        row(scenario, "p99 delivery latency", "ms", ms(every, 99), ms(base["latencies"], 99),
+            Target.at_most(10, "ms")),
+        row(scenario, "events lost", "events", lost, base["expected"] - base["received"],
+            Target.at_most(0, "events")),
     )

@@ -1,5 +1,6 @@
-"""Everything a run starts on loopback, each in its own process: Redis, the fake upstream, the baseline
-WebSocket server, gateways in embedded and Redis mode, workers. All of it is stopped when the run ends."""
+"""Everything a run starts on loopback, each in its own process: Redis, the fake upstream, the fake ComfyUI
+farm, the baseline WebSocket server, gateways in embedded and Redis mode, workers. All of it is stopped when the
+run ends."""
 
 from __future__ import annotations
 
@@ -34,6 +35,16 @@ MODELS = {
     "bench-queued": ("queue", "/v1"),
     "bench-slow": ("queue", "/slow/v1"),
 }
+# served by the real ComfyUI adapter against the fake farm (bench/comfyui.py), with deploy/'s workflow and
+# the bindings of deploy/gateway.comfyui.yaml
+COMFYUI_MODEL = "bench-comfyui"
+COMFYUI_WORKFLOW = ROOT / "deploy" / "workflows" / "sd-txt2img.json"
+COMFYUI_INPUTS = {"prompt": "6.text", "negative_prompt": "7.text", "width": "5.width", "height": "5.height",
+                  "n": "5.batch_size", "seed": "3.seed", "steps": "3.steps"}
+# seconds per sampler step at the farm. A step is published at once only if it comes one progress interval
+# (0.2 s by default) after the job's previous event; before the first step, that is the flush of the stages
+# before it, itself one interval after the job's first event: hence over twice the interval
+COMFYUI_STEP_DELAY = 0.5
 
 
 def _die_with_parent() -> None:
@@ -49,16 +60,21 @@ def free_port() -> int:
         return port
 
 
-def gateway_config(upstream_url: str) -> dict[str, object]:
+def gateway_config(upstream_url: str, comfyui_urls: list[str]) -> dict[str, object]:
     mounts = sorted({mount for _, mount in MODELS.values()})
     def provider(mount: str) -> str:
         return "upstream" + mount.replace("/", "-")
 
-    providers = {provider(mount): {"type": "openai", "base_url": upstream_url + mount,
-                                   "api_key_env": UPSTREAM_KEY_ENV} for mount in mounts}
-    models = {name: {"family": "generic", "dispatch": dispatch,
-                     "deployments": [{"provider": provider(mount), "model": UPSTREAM_MODEL}]}
-              for name, (dispatch, mount) in MODELS.items()}
+    providers: dict[str, object] = {provider(mount): {"type": "openai", "base_url": upstream_url + mount,
+                                                      "api_key_env": UPSTREAM_KEY_ENV} for mount in mounts}
+    models: dict[str, object] = {name: {"family": "generic", "dispatch": dispatch,
+                                        "deployments": [{"provider": provider(mount), "model": UPSTREAM_MODEL}]}
+                                 for name, (dispatch, mount) in MODELS.items()}
+    if comfyui_urls:
+        providers["comfyui"] = {"type": "comfyui",
+                                "options": {"instances": comfyui_urls, "instance_concurrency": 1}}
+        models[COMFYUI_MODEL] = {"family": "generic", "deployments": [{"provider": "comfyui", "options": {
+            "workflow": str(COMFYUI_WORKFLOW), "inputs": COMFYUI_INPUTS}}]}
     return {"default_model": "bench-inline", "providers": providers, "models": models,
             "keys": [{"name": "bench", "key": GATEWAY_KEY}]}
 
@@ -83,6 +99,7 @@ class Stack:
         self.redis_url = ""
         self.upstream_url = ""
         self.upstream: Service  # set by start_upstream
+        self.comfyui_urls: list[str] = []
         self.config_path = workdir / "config.yaml"
 
     async def _spawn(self, name: str, *args: str, env: dict[str, str] | None = None, stdin: bool = False
@@ -102,11 +119,17 @@ class Stack:
         env.update({UPSTREAM_KEY_ENV: "sk-bench-upstream", "PYTHONUNBUFFERED": "1"}, **extra)
         return env
 
-    async def _ready_line(self, service: Service) -> None:
+    async def _ready_line(self, service: Service) -> list[str]:
+        """What the process printed after "ready" (its addresses, for some)."""
         assert service.process.stdout is not None
         line = await asyncio.wait_for(service.process.stdout.readline(), 60)
         if not line.startswith(b"ready"):
             raise RuntimeError(f"{service.name} did not start; see {self.workdir / service.name}.log")
+        return line.decode().split()[1:]
+
+    def _write_config(self) -> None:
+        """Read by each gateway and worker when it starts."""
+        self.config_path.write_text(yaml.safe_dump(gateway_config(self.upstream_url, self.comfyui_urls)))
 
     async def start_redis(self) -> str:
         binary = shutil.which("redis-server")
@@ -134,8 +157,19 @@ class Stack:
         await self._ready_line(service)
         self.upstream = service
         self.upstream_url = service.url = f"http://127.0.0.1:{port}"
-        self.config_path.write_text(yaml.safe_dump(gateway_config(self.upstream_url)))
+        self._write_config()
         return self.upstream_url
+
+    async def start_comfyui(self, count: int, step_delay: float = COMFYUI_STEP_DELAY) -> Service:
+        """`count` fake ComfyUI instances (bench/comfyui.py), served to the gateways started after it as model
+        `bench-comfyui`; the service's URL is the farm's own (`/held`, `/release`, `/steps`)."""
+        port = free_port()
+        service = await self._spawn("comfyui", sys.executable, "-m", "bench.comfyui", str(port), str(count),
+                                    str(step_delay))
+        self.comfyui_urls = await self._ready_line(service)
+        service.url = f"http://127.0.0.1:{port}"
+        self._write_config()
+        return service
 
     async def start_load(self) -> LoadProcess:
         return LoadProcess(await self._spawn("load", sys.executable, "-m", "bench.load", stdin=True))
@@ -166,13 +200,16 @@ class Stack:
         await self._wait_http(service, service.url + "/healthz")
         return service
 
-    async def start_worker(self, name: str, *, queue: str = "bench:queue") -> Service:
-        """`imagegw worker`, returned once it listens for wake-ups (so it is ready to take jobs)."""
+    async def start_worker(self, name: str, *, queue: str = "bench:queue", slots: int | None = None) -> Service:
+        """`imagegw worker` (with `slots` jobs at once instead of the default), returned once it listens for
+        wake-ups (so it is ready to take jobs)."""
+        env = self._gateway_env(name, True, queue)
+        if slots is not None:
+            env["IMAGEGW_WORKER_CONCURRENCY"] = str(slots)
         redis = Redis.from_url(self.redis_url)
         try:
             before = await self._wake_listeners(redis)
-            service = await self._spawn(name, sys.executable, "-m", "service.cli", "worker",
-                                        env=self._gateway_env(name, True, queue))
+            service = await self._spawn(name, sys.executable, "-m", "service.cli", "worker", env=env)
             deadline = time.monotonic() + 60
             while await self._wake_listeners(redis) <= before:
                 if service.process.returncode is not None or time.monotonic() > deadline:

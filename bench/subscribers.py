@@ -3,8 +3,10 @@ the baseline server, plus the publishers that feed each side through Redis.
 
 The Socket.IO client is the Engine.IO v4 / Socket.IO v5 wire protocol spoken directly over one aiohttp
 WebSocket (no polling upgrade): a thousand python-socketio clients would cost the load process more CPU than
-the server it measures. Every event carries its send time (`time.monotonic()`, one clock for every process on
-the machine) in its `stage` text, so latency is receive time minus send time.
+the server it measures. Every event the publishers here send carries its send time (`time.monotonic()`, one
+clock for every process on the machine) in its `stage` text, so latency is receive time minus send time. Events
+of real jobs (the gateway's workers publish them) are kept in a journal with their receive time instead, for the
+bench to match against what caused them.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import Any
 import aiohttp
 from arq.connections import ArqRedis
 
-from service.constants import EVENT_PROGRESS, PROGRESS_NAMESPACE
+from service.constants import EVENT_PROGRESS, PROGRESS_NAMESPACE, TERMINAL_EVENTS
 from service.progress import JobEventManager, ProgressPublisher
 
 PLAIN_CHANNEL = "bench:plain"
@@ -114,8 +116,17 @@ class SubscriberPool:
         self.received = 0
         self.last_received = 0.0
         self.arrived = asyncio.Event()
+        self.journal: list[tuple[str, str, float]] | None = None  # (job id, stage, receive time) of progress
+        self.ended = 0  # subscribers that got their job's terminal event, while journaling
 
     def _deliver(self, event: str, data: dict[str, Any]) -> None:
+        if self.journal is not None:  # a real job's events: timed against what caused them by the bench
+            if event == EVENT_PROGRESS:
+                self.journal.append((data["job_id"], data.get("stage") or "", time.monotonic()))
+            elif event in TERMINAL_EVENTS:
+                self.ended += 1
+                self.arrived.set()
+            return
         stage = data.get("stage") or ""
         if event != EVENT_PROGRESS or not stage.startswith(STAGE_PREFIX):
             return  # the snapshot a subscriber gets first
@@ -128,7 +139,9 @@ class SubscriberPool:
     async def command(self, op: str, command: dict[str, Any]) -> dict[str, Any]:
         if op == "subscribe":
             return await self.subscribe(command["kind"], command["url"], command["api_key"],
-                                        command["job_ids"], command["count"])
+                                        command["job_ids"], command["count"], command.get("journal", False))
+        if op == "journal":
+            return await self.read_journal(command["within"])
         if op == "publish":
             return await self.publish(command["kind"], command["redis_url"], command["job_ids"],
                                       command["events"], command.get("interval", 0.0))
@@ -137,8 +150,10 @@ class SubscriberPool:
             return {"closed": True}
         raise ValueError(f"unknown op {op!r}")
 
-    async def subscribe(self, kind: str, url: str, api_key: str, job_ids: list[str], count: int
-                        ) -> dict[str, Any]:
+    async def subscribe(self, kind: str, url: str, api_key: str, job_ids: list[str], count: int,
+                        journal: bool = False) -> dict[str, Any]:
+        """`count` subscribers spread evenly over `job_ids`. With `journal`, the events after their first
+        view (the job's snapshot, sent before the subscription is acknowledged) go to the journal."""
         await self.close()
         self.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
         cls = SocketIOSubscriber if kind == "sio" else PlainSubscriber
@@ -155,7 +170,10 @@ class SubscriberPool:
             self.per_job[job_id] += 1
 
         await asyncio.gather(*(one(i) for i in range(count)))
-        return {"connected": len(self.subscribers), "seconds": time.perf_counter() - started}
+        if journal:
+            self.journal, self.ended = [], 0
+        return {"connected": len(self.subscribers), "per_job": self.per_job,
+                "seconds": time.perf_counter() - started}
 
     async def publish(self, kind: str, redis_url: str, job_ids: list[str], events: int, interval: float
                       ) -> dict[str, Any]:
@@ -164,24 +182,35 @@ class SubscriberPool:
         self.latencies, self.received = [], 0
         expected = sum(self.per_job[job_ids[i % len(job_ids)]] for i in range(events))
         emit = await self._publisher(kind, redis_url)
-        loop = asyncio.get_running_loop()
         started = time.monotonic()
         try:
             for i in range(events):
                 if interval:
                     await asyncio.sleep(started + i * interval - time.monotonic())
                 await emit(job_ids[i % len(job_ids)], f"{STAGE_PREFIX}{i} {time.monotonic()!r}")
-            deadline = loop.time() + 10
-            while self.received < expected and loop.time() < deadline:
-                self.arrived.clear()
-                try:
-                    await asyncio.wait_for(self.arrived.wait(), deadline - loop.time())
-                except TimeoutError:
-                    break
+            await self._until(lambda: self.received >= expected, 10)
         finally:
             await emit.close()
         return {"latencies": self.latencies, "expected": expected, "received": self.received,
                 "elapsed": max(self.last_received - started, 1e-9)}
+
+    async def read_journal(self, within: float) -> dict[str, Any]:
+        """The journal, once every subscriber got its job's terminal event (the last one it may get) or
+        `within` seconds passed."""
+        await self._until(lambda: self.ended >= len(self.subscribers), within)
+        journal, self.journal = self.journal or [], None
+        return {"events": journal, "ended": self.ended, "subscribers": len(self.subscribers)}
+
+    async def _until(self, done: Callable[[], bool], within: float) -> None:
+        """Wait until `done()` holds, looking again at each delivery, or until `within` seconds passed."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + within
+        while not done() and loop.time() < deadline:
+            self.arrived.clear()
+            try:
+                await asyncio.wait_for(self.arrived.wait(), deadline - loop.time())
+            except TimeoutError:
+                break
 
     async def _publisher(self, kind: str, redis_url: str) -> Any:
         if kind == "sio":

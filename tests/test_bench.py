@@ -45,3 +45,27 @@ async def test_latency_scenario_produces_complete_rows(tmp_path: Path) -> None:
     assert document["cores"] >= 1 and document["commit"]
     assert [list(r) for r in document["rows"]] == [ROW_FIELDS] * 3
     assert document["rows"][0] == asdict(bench.rows[0])
+
+
+async def test_comfyui_progress_scenario_produces_complete_rows(tmp_path: Path) -> None:
+    stack = Stack(tmp_path)
+    try:
+        await stack.start_redis()
+        await stack.start_upstream()
+        bench = Bench(stack, await stack.start_load(),
+                      replace(Sizes.for_mode(quick=True), progress_jobs=2, subscribers=4))
+        plain = await stack.start_plain_ws()
+        farm = await stack.start_comfyui(2, step_delay=0.05)  # steps faster than the progress interval
+        gateway = await stack.start_gateway("progress", redis=True, queue=scenarios.COMFYUI_QUEUE)
+        await scenarios.comfyui_progress(bench, gateway, plain, farm)
+    finally:
+        await stack.close()
+
+    scenario = "progress, 2 jobs on a fake ComfyUI farm, 4 subscribers"
+    assert [(r.scenario, r.metric) for r in bench.rows] == [
+        (scenario, "p50 delivery latency"), (scenario, "p99 delivery latency"), (scenario, "events lost")]
+    p50, p99, lost = bench.rows
+    assert 0 < p50.value <= p99.value and 0 < p50.baseline <= p99.baseline
+    assert lost.value == lost.baseline == 0 and lost.met is True
+    # 0.05 s steps: the progress interval coalesces some of them, and says so
+    assert any("had no event of their own" in note for note in bench.notes)

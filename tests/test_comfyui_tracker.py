@@ -93,6 +93,34 @@ def test_stage_texts() -> None:
     assert tracker.stage == "sampling step 7/20" and tracker.node_fraction["3"] == 7 / 20
 
 
+def test_a_sampler_step_is_named_by_its_progress_state() -> None:
+    """ComfyUI sends each step's progress_state before its progress frame: the stage and the percent move
+    together on the first, so the event it triggers names the step it counts."""
+    graph = json.loads(TXT2IMG.read_text())
+    tracker = PromptTracker("p", graph, frozenset({"9"}))
+    tracker.on_message("execution_start", {"prompt_id": "p"})
+
+    def state(value: float, maximum: float, running: str = "running") -> dict[str, Any]:
+        sampler = {"value": value, "max": maximum, "state": running, "node_id": "3", "prompt_id": "p"}
+        return {"prompt_id": "p", "nodes": {"5": {"value": 1.0, "max": 1.0, "state": "finished"}, "3": sampler}}
+
+    tracker.on_message("progress_state", state(0.0, 1.0))  # the sampler's start comes before its `executing`
+    tracker.on_message("executing", {"node": "3", "prompt_id": "p"})
+    tracker.on_message("progress_state", state(0.0, 1.0))  # a start seen late is still no step
+    assert tracker.stage == "running KSampler"
+    for step in (1, 2):
+        tracker.on_message("progress_state", state(step, 20))
+        stage, fraction = tracker.stage, tracker.fraction
+        assert stage == f"sampling step {step}/20" and tracker.node_fraction["3"] == step / 20
+        tracker.on_message("progress", {"value": step, "max": 20, "prompt_id": "p", "node": "3"})
+        assert (tracker.stage, tracker.fraction) == (stage, fraction)  # the progress frame adds nothing
+    tracker.on_message("progress_state", state(20, 20, "finished"))
+    assert tracker.stage == "sampling step 2/20" and tracker.node_fraction["3"] == 1.0
+    tracker.on_message("executing", {"node": "8", "prompt_id": "p"})
+    tracker.on_message("progress_state", {"prompt_id": "p", "nodes": {"8": {"value": 1, "max": 1, "state": "running"}}})
+    assert tracker.stage == "decoding" and tracker.step is None  # only a sampler's state names a step
+
+
 def test_samplers_weigh_their_steps() -> None:
     graph = json.loads(TXT2IMG.read_text())
     assert node_weights(graph) == {**{nid: 1.0 for nid in graph}, "3": 20.0}

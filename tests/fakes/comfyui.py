@@ -315,10 +315,22 @@ class QueueItem:
         return [self.number, self.prompt_id, self.prompt, self.extra_data, self.outputs]
 
 
+@dataclass(frozen=True)
+class SentFrame:
+    """A text frame written to a client: when (``time.monotonic()``, stamped just before the write), to
+    which client id, and the frame."""
+
+    at: float
+    client_id: str
+    text: str
+
+
 @dataclass
 class _Client:
     ws: web.WebSocketResponse
     request: web.Request
+    sid: str
+    writing: Callable[[str, str], None]  # told (client id, frame) just before a text frame is written
     feature_flags: dict[str, Any] = field(default_factory=dict)
 
     async def send(self, payload: str | bytes) -> None:
@@ -326,6 +338,7 @@ class _Client:
             return
         try:
             if isinstance(payload, str):
+                self.writing(self.sid, payload)
                 await self.ws.send_str(payload)
             else:
                 await self.ws.send_bytes(payload)
@@ -479,9 +492,11 @@ class FakeComfyUI:
         fail_node: str | None = None,
         fail_message: str = "fake failure",
         hang: bool = False,
+        hold: bool = False,
         legacy: bool = False,
         checkpoints: Sequence[str] = DEFAULT_CHECKPOINTS,
         extra_node_types: Mapping[str, NodeType] | None = None,
+        record_sent: bool = False,
     ) -> None:
         self.step_delay = step_delay  # seconds per sampler step
         self.node_delay = node_delay  # seconds every executed node takes (not interruptible, as stock nodes)
@@ -491,14 +506,17 @@ class FakeComfyUI:
         self.fail_node = fail_node  # node id that raises -> execution_error
         self.fail_message = fail_message
         self.hang = hang  # the first executed node never returns (only /interrupt ends it)
+        self.hold = hold  # prompts stay queued, none starts, until release()
         # Speak like a server from before the 2024 execution rework: no progress_state, feature flags,
         # TEXT frames or display_node, and progress frames with only value and max.
         self.legacy = legacy
         self.node_types = {**core_node_types(checkpoints), **(extra_node_types or {})}
+        self.record_sent = record_sent  # every text frame written to a client goes to `sent_frames`
 
         self.url = ""
         self.calls: list[RecordedCall] = []
         self.ws_received: list[tuple[str, Any]] = []  # (client id, parsed text frame)
+        self.sent_frames: list[SentFrame] = []  # with `record_sent`: to time what clients make of them
         self.executed_prompt_ids: list[str] = []
         self.max_concurrent = 0
         self.history: dict[str, dict[str, Any]] = {}
@@ -576,6 +594,11 @@ class FakeComfyUI:
     @property
     def pending(self) -> list[QueueItem]:
         return [entry[2] for entry in sorted(self._queue)]
+
+    def release(self) -> None:
+        """Stop holding prompts: the queued ones run, in their order."""
+        self.hold = False
+        self._wakeup.set()
 
     async def drop_websockets(self, *, abrupt: bool = False) -> None:
         """Close every WebSocket (a close frame, or with ``abrupt`` a bare TCP reset); runs go on."""
@@ -868,7 +891,7 @@ class FakeComfyUI:
         ws = web.WebSocketResponse(timeout=1.0)
         await ws.prepare(request)
         sid = request.query.get("clientId", "") or uuid.uuid4().hex
-        client = _Client(ws, request)
+        client = _Client(ws, request, sid, self._writing)
         # Greet before registering so the status frame is always the first one a client reads.
         await client.send(json.dumps({"type": "status", "data": {"status": self._queue_info(), "sid": sid}}))
         if self._client_id == sid and self._last_node_id is not None:
@@ -894,6 +917,10 @@ class FakeComfyUI:
             if self._clients.get(sid) is client:
                 del self._clients[sid]
         return ws
+
+    def _writing(self, sid: str, text: str) -> None:
+        if self.record_sent:
+            self.sent_frames.append(SentFrame(time.monotonic(), sid, text))
 
     def _send(self, event: str, data: Any, sid: str | None) -> None:
         """ComfyUI's send_sync: queue a JSON frame for one client, or for all when sid is None."""
@@ -1091,7 +1118,7 @@ class FakeComfyUI:
     async def _work(self) -> None:
         """ComfyUI's prompt_worker: one prompt at a time, lowest number first."""
         while True:
-            while not self._queue:
+            while not self._queue or self.hold:
                 self._wakeup.clear()
                 await self._wakeup.wait()
             item = heapq.heappop(self._queue)[2]

@@ -6,10 +6,12 @@ end of the prompt, ``/history``, ``/view``) and compares with ``shared/comfyui-p
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import io
 import json
 import struct
+import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -500,6 +502,21 @@ async def test_queue_runs_one_prompt_at_a_time(fake: FakeComfyUI, session: aioht
     await client.ws.close()
 
 
+async def test_hold_keeps_prompts_queued_until_released(session: aiohttp.ClientSession) -> None:
+    async with FakeComfyUI(hold=True, step_delay=0.001) as fake:
+        client = await connect(session, fake)
+        first, second = [await client.submit(sd_prompt(steps=2, seed=seed)) for seed in (1, 2)]
+        await asyncio.sleep(0.05)
+        queue = await client.get_json("/queue")
+        assert queue["queue_running"] == [] and [item[1] for item in queue["queue_pending"]] == [first, second]
+        assert fake.executed_prompt_ids == []
+        fake.release()
+        await client.frames_until_done(first)
+        await client.frames_until_done(second)
+        assert fake.executed_prompt_ids == [first, second]
+        await client.ws.close()
+
+
 async def test_sampler_progress_and_previews(fake: FakeComfyUI, session: aiohttp.ClientSession) -> None:
     plain = await connect(session, fake)
     prompt_id = await plain.submit(sd_prompt(steps=4))
@@ -532,6 +549,27 @@ async def test_sampler_progress_and_previews(fake: FakeComfyUI, session: aiohttp
     assert previews[0][8 + length :][:3] == JPEG_MAGIC
     await plain.ws.close()
     await modern.ws.close()
+
+
+async def test_record_sent_stamps_every_text_frame_written(session: aiohttp.ClientSession) -> None:
+    async with FakeComfyUI(record_sent=True, previews=False) as fake:
+        client = await connect(session, fake)
+        other = await connect(session, fake)
+        before = time.monotonic()
+        prompt_id = await client.submit(sd_prompt(steps=2))
+        frames = await client.frames_until_done(prompt_id)
+        received = time.monotonic()
+        mine = [sent for sent in fake.sent_frames if sent.client_id == client.client_id]
+        # the greeting, then each frame the client read, in order, stamped while the prompt ran
+        assert [json.loads(sent.text)["type"] for sent in mine] == ["status"] + [f.type for f in frames]
+        assert [sent.at for sent in mine] == sorted(sent.at for sent in mine)
+        assert before <= mine[1].at and mine[-1].at <= received
+        assert {sent.client_id for sent in fake.sent_frames} == {client.client_id, other.client_id}
+        await client.ws.close()
+        await other.ws.close()
+    async with FakeComfyUI() as quiet:
+        await connect(session, quiet)
+        assert quiet.sent_frames == []  # recording is opt-in
 
 
 async def test_legacy_server_shapes(session: aiohttp.ClientSession) -> None:

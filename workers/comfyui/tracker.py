@@ -104,10 +104,12 @@ class PromptTracker:
                 self.node_fraction[node] = max(self.node_fraction.get(node, 0.0), value / total)
             self.step = (value, total)
         elif kind == "progress_state":
-            for nid, state in (data.get("nodes") or {}).items():
+            states = data.get("nodes") or {}
+            for nid, state in states.items():
                 maximum = float(state.get("max") or 1.0)
                 done = 1.0 if state.get("state") == "finished" else float(state.get("value", 0)) / maximum
                 self.node_fraction[str(nid)] = max(self.node_fraction.get(str(nid), 0.0), min(1.0, done))
+            self._sampler_step(states.get(self.current or ""))
         elif kind == "executed":
             node = str(data.get("node"))
             self.node_fraction[node] = 1.0
@@ -138,6 +140,16 @@ class PromptTracker:
         self.current = str(node)
         self.node_fraction.setdefault(self.current, 0.0)
 
+    def _sampler_step(self, state: Any) -> None:
+        """ComfyUI sends a step's `progress_state` before its `progress` frame: the running sampler's step is
+        taken from it too, so the stage names the step the percent already counts. A sampler's steps count
+        from 1; the 0 of a node's start is no step."""
+        if not isinstance(state, dict) or state.get("state") != "running" or not _is_sampler(self._class_type):
+            return
+        value, maximum = int(float(state.get("value", 0))), int(float(state.get("max") or 1))
+        if value >= 1:
+            self.step = (value, max(1, maximum))
+
     def on_binary(self, frame: BinaryFrame) -> tuple[bytes, str] | None:
         """A preview to show as a partial image, or None. Images sent by a SaveImageWebsocket output node
         are results, not previews: they are kept in `ws_images`."""
@@ -162,6 +174,11 @@ class PromptTracker:
         return sum(w * self.node_fraction.get(nid, 0.0) for nid, w in self.weights.items()) / total
 
     @property
+    def _class_type(self) -> str:
+        """The running node's class type ("" before the first node)."""
+        return str(self.graph.get(self.current or "", {}).get("class_type", ""))
+
+    @property
     def stage(self) -> str:
         if not self.started:
             if self.queue_position:
@@ -171,7 +188,7 @@ class PromptTracker:
             return "fetching images"
         if self.current is None:
             return "reusing ComfyUI's cached results" if self.cached else "starting"
-        class_type = str(self.graph.get(self.current, {}).get("class_type", ""))
+        class_type = self._class_type
         if self.step is not None and _is_sampler(class_type):
             return f"sampling step {self.step[0]}/{self.step[1]}"
         stage = next((text for hint, text in STAGES if hint in class_type), None)
