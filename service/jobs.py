@@ -108,12 +108,12 @@ end
 return {1}
 """)
 
-# Raises the stored progress only while the job runs and never lowers it.
+# A running job's progress: stored unless lower than the stored one (a re-run after a crash starts again from
+# 0), and the chain goes on (to the event) only while the job runs: no progress follows its terminal event.
 PROGRESS = Step("progress", """
 if redis.call('HGET', K[1], 'status') ~= 'running' then return {0} end
 local cur = tonumber(redis.call('HGET', K[1], 'progress') or '0')
-if tonumber(A[1]) < cur then return {0} end
-redis.call('HSET', K[1], 'progress', A[1], 'stage', A[2])
+if tonumber(A[1]) >= cur then redis.call('HSET', K[1], 'progress', A[1], 'stage', A[2]) end
 return {1}
 """)
 
@@ -140,7 +140,6 @@ class JobStore:
         self.queue_name = queue_name
         self.ttl = ttl
         self._transition = Chain(redis, TRANSITION)
-        self._progress = Chain(redis, PROGRESS)
 
     def key(self, job_id: str) -> str:
         return JOB_KEY.format(job_id)
@@ -200,8 +199,9 @@ class JobStore:
                 await pipe.execute()
         return record
 
-    async def set_progress(self, job_id: str, progress: int, stage: str) -> None:
-        await self._progress(([self.key(job_id)], [progress, stage]))
+    def progress_call(self, job_id: str, progress: int, stage: str) -> StepCall:
+        """The PROGRESS step."""
+        return [self.key(job_id)], [progress, stage]
 
 
 def started_fields() -> dict[str, Any]:

@@ -1,5 +1,5 @@
 """A job's moves that span several concerns, each one atomic Redis round trip: admitted and created (already
-running when this process runs it inline), started by a worker, finished. Each concern builds its own step
+running when this process runs it inline), started by a worker, progressing, finished. Each concern builds its own step
 (service/limits.py, service/jobs.py, service/settlement.py, service/progress.py); this module only chains them.
 """
 
@@ -12,6 +12,7 @@ from service.auth import Principal
 from service.jobs import (
     ACTIVE,
     CREATE,
+    PROGRESS,
     TRANSITION,
     JobFailure,
     JobRecord,
@@ -39,6 +40,7 @@ class Lifecycle:
         self.publisher = publisher
         self._create = Chain(store.redis, ADMIT, CREATE, PUBLISH)
         self._start = Chain(store.redis, TRANSITION, STARTED, PUBLISH)
+        self._progress = Chain(store.redis, PROGRESS, PUBLISH)
         self._finish = Chain(store.redis, TRANSITION, SETTLE, PUBLISH)
 
     async def create(self, record: JobRecord, principal: Principal, *, inline: bool, run_for: float
@@ -75,6 +77,14 @@ class Lifecycle:
         if record is not None:
             await self.publisher.published(opening)
         return record
+
+    async def progress(self, job_id: str, percent: int, stage: str) -> None:
+        """A running job's progress, stored for late subscribers and announced; neither once it has ended."""
+        message = self.publisher.progress_message(job_id, percent, stage)
+        replies = await self._progress(self.store.progress_call(job_id, percent, stage),
+                                       self.publisher.publish_call(message))
+        if replies[0][0] == 1:
+            await self.publisher.published(message)
 
     async def succeed(self, record: JobRecord, result: StoredResult) -> JobRecord | None:
         """running -> succeeded; None if the job was cancelled meanwhile. The record given back (and to the

@@ -14,26 +14,22 @@ INTERVAL = 0.05
 
 
 class Recorder:
-    """The store and publisher of a job's progress; a send can be held half-way, between its two writes."""
+    """Where a job's progress goes (`Lifecycle.progress`); a send can be held half-way."""
 
     def __init__(self) -> None:
-        self.stored: list[tuple[int, str]] = []
         self.published: list[tuple[int, str]] = []
         self.gate = asyncio.Event()
         self.gate.set()
         self.in_send = asyncio.Event()
 
-    async def set_progress(self, job_id: str, progress: int, stage: str) -> None:
-        self.stored.append((progress, stage))
+    async def progress(self, job_id: str, progress: int, stage: str) -> None:
         self.in_send.set()
         await self.gate.wait()
-
-    async def progress(self, job_id: str, progress: int, stage: str) -> None:
         self.published.append((progress, stage))
 
 
 def job_progress(recorder: Recorder) -> JobProgress:
-    res = SimpleNamespace(settings=SimpleNamespace(progress_interval=INTERVAL), store=recorder, publisher=recorder)
+    res = SimpleNamespace(settings=SimpleNamespace(progress_interval=INTERVAL), lifecycle=recorder)
     return JobProgress(cast(WorkerResources, res), "job")
 
 

@@ -13,6 +13,7 @@ import socketio
 from service.jobs import JobRecord, StoredImage, StoredResult
 from service.schemas import ImageSpec
 from service.settings import GatewayConfig
+from service.state import DISPATCHER, STORE
 from tests.conftest import Gateway, GatewayFactory, local_config
 
 ASYNC = {"Prefer": "respond-async"}
@@ -185,6 +186,24 @@ async def test_socketio_progress_monotonic_then_completed(gateway_factory: Gatew
         assert late["status"] == "succeeded"
         await asyncio.sleep(0.1)
         assert [n for n, _ in sub.events[job["id"]]].count("completed") == 2  # one per subscription
+    finally:
+        await sub.client.disconnect()
+
+
+async def test_progress_reported_after_the_end_is_neither_stored_nor_sent(gateway_factory: GatewayFactory,
+                                                                         http: aiohttp.ClientSession) -> None:
+    gw = await gateway_factory(config=keyed_config())
+    sub = Subscriber(gw.url, "sk-alice")
+    await sub.connect()
+    try:
+        job = await submit(http, gw)
+        await sub.subscribe(job["id"])
+        events = list(await sub.wait(job["id"]))
+        await gw.app[DISPATCHER].lifecycle.progress(job["id"], 50, "a flush late")
+        await asyncio.sleep(0.1)
+        assert sub.events[job["id"]] == events
+        record = await gw.app[STORE].get(job["id"])
+        assert record is not None and (record.status, record.progress, record.stage) == ("succeeded", 100, "done")
     finally:
         await sub.client.disconnect()
 

@@ -66,8 +66,7 @@ class JobProgress:
             return
         self.sent = state
         self.last_sent_at = time.monotonic()
-        await self.res.store.set_progress(self.job_id, *state)
-        await self.res.publisher.progress(self.job_id, *state)
+        await self.res.lifecycle.progress(self.job_id, *state)
 
     async def partial_image(self, image: bytes, fmt: str) -> None:
         await self.res.publisher.partial_image(self.job_id, self.partials, image, fmt)
