@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -21,6 +20,7 @@ from redis.exceptions import RedisError
 
 from service.connections import RedisFactory, open_storage
 from service.constants import JOB_FUNCTION, WAKE_CHANNEL, WEBHOOK_FUNCTION
+from service.heap import settle_heap
 from service.jobs import json_deserializer, json_serializer
 from service.progress import JobEventManager
 from service.settings import GatewayConfig, Settings, load_config
@@ -256,6 +256,6 @@ async def serve_worker(settings: Settings) -> None:
     config = load_config(settings.config)
     async with running_worker(settings, config, RedisFactory(settings), handle_signals=True) as worker:
         log.info("worker started on queue %s", settings.queue_name)
-        gc.freeze()  # start-up objects live as long as the process: kept out of every collection (as `serve`)
+        settle_heap()  # as `serve` does
         assert worker.main_task is not None
         await asyncio.wait([worker.main_task])  # ends when a signal stops the loop
