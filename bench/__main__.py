@@ -15,13 +15,14 @@ from pathlib import Path
 from redis.asyncio import Redis
 
 from bench import scenarios
-from bench.report import Target, table, write_results
+from bench.report import Target, cpu_ticks, steal_share, table, write_results
 from bench.scenarios import QUEUE, Bench, Sizes
 from bench.servers import Stack
 from service.settings import Settings
 
 GROUPS = ("embedded", "latency", "queue", "rate", "throughput", "large", "slow", "progress")
 RESULTS = Path(__file__).resolve().parent / "results.json"
+STEAL_WARNING = 0.02
 
 
 async def run(bench: Bench, groups: set[str]) -> None:
@@ -86,7 +87,7 @@ async def run(bench: Bench, groups: set[str]) -> None:
 async def main(quick: bool, groups: set[str], output: Path) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="imagegw-bench-"))
     stack = Stack(workdir)
-    started = time.monotonic()
+    started, ticks = time.monotonic(), cpu_ticks()
     mode = "quick" if quick else "full"
     try:
         await stack.start_redis()
@@ -94,12 +95,16 @@ async def main(quick: bool, groups: set[str], output: Path) -> int:
         try:
             await run(bench, groups)
         finally:
+            steal = steal_share(ticks)
+            if steal is not None and steal > STEAL_WARNING:
+                bench.notes.append(f"the hypervisor gave {steal:.0%} of this machine's CPU time to other guests "
+                                   "during the run (steal time): figures are slower and noisier than its own")
             print()
             print(table(bench.rows))
             for note in bench.notes:
                 print("note:", note)
             print(f"\n{mode} run, {time.monotonic() - started:.0f} s; results in {output}")
-            write_results(output, bench.rows, mode, bench.notes)
+            write_results(output, bench.rows, mode, bench.notes, steal)
     finally:
         await stack.close()
     shutil.rmtree(workdir, ignore_errors=True)

@@ -106,6 +106,28 @@ def machine() -> dict[str, object]:
             "commit": commit()}
 
 
-def write_results(path: Path, rows: Sequence[Row], mode: str, notes: Sequence[str]) -> None:
-    document = {**machine(), "mode": mode, "rows": [asdict(r) for r in rows], "notes": list(notes)}
+def cpu_ticks() -> tuple[int, int] | None:
+    """(stolen, all) CPU time of the machine so far, in ticks, from /proc/stat (Linux; None elsewhere)."""
+    try:
+        first = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+    except OSError:
+        return None
+    # user nice system idle iowait irq softirq steal (guest time is already inside user)
+    ticks = [int(value) for value in first[1:9]]
+    return ticks[7], sum(ticks)
+
+
+def steal_share(start: tuple[int, int] | None) -> float | None:
+    """The share of the machine's CPU time a hypervisor gave to other guests since `start`: time during which
+    the processes measured wanted to run and could not."""
+    end = cpu_ticks()
+    if start is None or end is None or end[1] == start[1]:
+        return None
+    return (end[0] - start[0]) / (end[1] - start[1])
+
+
+def write_results(path: Path, rows: Sequence[Row], mode: str, notes: Sequence[str], steal: float | None
+                  ) -> None:
+    document = {**machine(), "mode": mode, "cpu_steal": steal, "rows": [asdict(r) for r in rows],
+                "notes": list(notes)}
     path.write_text(json.dumps(document, indent=2) + "\n")

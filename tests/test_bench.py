@@ -8,7 +8,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from bench import scenarios
-from bench.report import write_results
+from bench.report import cpu_ticks, steal_share, write_results
 from bench.scenarios import Bench, Sizes
 from bench.servers import Stack
 
@@ -16,6 +16,7 @@ ROW_FIELDS = ["scenario", "metric", "unit", "value", "baseline", "ratio", "targe
 
 
 async def test_latency_scenario_produces_complete_rows(tmp_path: Path) -> None:
+    ticks = cpu_ticks()
     stack = Stack(tmp_path)
     try:
         await stack.start_upstream()
@@ -40,9 +41,10 @@ async def test_latency_scenario_produces_complete_rows(tmp_path: Path) -> None:
     assert not bench.notes  # no request failed
 
     output = tmp_path / "results.json"
-    write_results(output, bench.rows, "smoke", bench.notes)
+    write_results(output, bench.rows, "smoke", bench.notes, steal_share(ticks))
     document = json.loads(output.read_text())
     assert document["cores"] >= 1 and document["commit"]
+    assert 0 <= document["cpu_steal"] < 1  # the share of CPU time the machine's hypervisor took meanwhile
     assert [list(r) for r in document["rows"]] == [ROW_FIELDS] * 3
     assert document["rows"][0] == asdict(bench.rows[0])
 
