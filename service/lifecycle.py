@@ -38,7 +38,7 @@ class Lifecycle:
         self.limiter = limiter
         self.settlement = settlement
         self.publisher = publisher
-        self._create = Chain(store.redis, ADMIT, CREATE, PUBLISH)
+        self._create = Chain(store.redis, ADMIT, CREATE)
         self._start = Chain(store.redis, TRANSITION, STARTED, PUBLISH)
         self._progress = Chain(store.redis, PROGRESS, PUBLISH)
         self._finish = Chain(store.redis, TRANSITION, SETTLE, PUBLISH)
@@ -46,21 +46,17 @@ class Lifecycle:
     async def create(self, record: JobRecord, principal: Principal, *, inline: bool, run_for: float
                      ) -> JobRecord:
         """Admit and store a new job: queued for a worker (woken in the same move), or for inline dispatch
-        already running here, its opening event published. `run_for` is its model's timeout. Raises the
-        error of the limit that refused it; then nothing was taken."""
-        opening = None
+        already running here. `run_for` is its model's timeout. Raises the error of the limit that refused it;
+        then nothing was taken. An inline job has no opening event: nobody knows its id yet, and whoever
+        subscribes later gets the record's state first, which is that event's."""
         if inline:
             record = record.model_copy(update={"status": "running", "stage": "starting", "attempts": 1,
                                                "started_at": time.time()})
-            opening = self.publisher.progress_message(record.id, 0, "starting")
         replies = await self._create(
             self.limiter.admit_call(principal, record.id, record.spec.n, queued=not inline, run_for=run_for),
             self.store.create_call(record, enqueue=not inline, run_for=run_for),
-            self.publisher.publish_call(opening),
         )
         Limiter.check(replies[0])
-        if opening is not None:
-            await self.publisher.published(opening)
         return record
 
     async def start(self, job_id: str, owner: str, run_for: float) -> JobRecord | None:
