@@ -89,7 +89,7 @@ if not cur then return {0} end
 if not string.find(' ' .. A[1] .. ' ', ' ' .. cur .. ' ', 1, true) then
   return {0, cur}
 end
-for i = 3, #A, 2 do redis.call('HSET', K[1], A[i], A[i + 1]) end
+if #A > 2 then redis.call('HSET', K[1], unpack(A, 3)) end
 if A[3] == 'status' and A[4] == 'running' then redis.call('HINCRBY', K[1], 'attempts', 1) end
 if A[2] == '1' then return {1, redis.call('HGETALL', K[1])} end
 return {1}
@@ -98,7 +98,7 @@ return {1}
 # Stores a new record; for queued dispatch also the arq job (as arq's enqueue_job writes it), its place in the
 # queue and the wake-up for idle workers.
 CREATE = Step("create", """
-for i = 6, #A, 2 do redis.call('HSET', K[1], A[i], A[i + 1]) end
+redis.call('HSET', K[1], unpack(A, 6))
 redis.call('EXPIRE', K[1], A[1])
 if A[3] ~= '' then
   redis.call('PSETEX', K[2], tonumber(A[1]) * 1000, A[3])
