@@ -21,8 +21,8 @@ from typing import Any
 import aiohttp
 from arq.connections import ArqRedis
 
-from service.constants import EVENT_PROGRESS, PROGRESS_NAMESPACE, TERMINAL_EVENTS
-from service.progress import JobEventManager, ProgressPublisher
+from service.constants import EVENT_PROGRESS, JOB_ROOM, PROGRESS_NAMESPACE, TERMINAL_EVENTS
+from service.progress import JobEventManager
 
 PLAIN_CHANNEL = "bench:plain"
 STAGE_PREFIX = "bench "
@@ -214,12 +214,12 @@ class SubscriberPool:
 
     async def _publisher(self, kind: str, redis_url: str) -> Any:
         if kind == "sio":
-            # the worker side of the product: the same publisher class a job reports progress through
+            # the manager a worker publishes job events through (write-only), emitting to the jobs' rooms
             manager = JobEventManager(lambda: ArqRedis.from_url(redis_url), write_only=True)
-            publisher = ProgressPublisher(manager)
 
             async def emit_sio(job_id: str, stage: str) -> None:
-                await publisher.progress(job_id, 50, stage)
+                data = {"job_id": job_id, "progress": 50, "status": "running", "stage": stage}
+                await manager.emit(EVENT_PROGRESS, data, room=JOB_ROOM.format(job_id), namespace=NS)
 
             emit_sio.close = manager.close  # type: ignore[attr-defined]
             return emit_sio

@@ -137,9 +137,6 @@ class ProgressPublisher:
     def progress_message(self, job_id: str, progress: int, stage: str) -> EventMessage:
         return self.message(EVENT_PROGRESS, job_id, {"progress": progress, "status": "running", "stage": stage})
 
-    async def progress(self, job_id: str, progress: int, stage: str) -> None:
-        await self._emit(self.progress_message(job_id, progress, stage))
-
     async def partial_image(self, job_id: str, index: int, image: bytes, fmt: str) -> None:
         await self._emit(self.message(
             EVENT_PARTIAL_IMAGE,
