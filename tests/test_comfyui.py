@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import io
 import json
 import struct
@@ -25,6 +26,7 @@ from tests.conftest import ROOT, Gateway, GatewayFactory, free_port
 from tests.fakes.comfyui import FakeComfyUI, RecordedCall, UploadedFile
 from tests.pictures import decode, encode, mask_png, photo
 from tests.test_jobs import Subscriber, assert_monotonic_then_completed
+from workers.comfyui.farm import PROBE_BATCH
 
 WORKFLOWS = ROOT / "deploy" / "workflows"
 TXT2IMG = WORKFLOWS / "sd-txt2img.json"
@@ -308,6 +310,16 @@ async def test_two_instances_share_four_jobs_one_at_a_time(watch: Any, fake: Fak
         # each prompt was collected (/view) before the next was submitted to the same instance
         sequence = [c.path for c in f.calls if (c.method, c.path) in (("POST", "/prompt"), ("GET", "/view"))]
         assert sequence == ["/prompt", "/view"] * len(submitted(f))
+
+
+async def test_a_job_on_a_large_idle_farm_asks_a_few_instances_for_their_queue(watch: Any) -> None:
+    async with contextlib.AsyncExitStack() as stack:
+        farm = [await stack.enter_async_context(FakeComfyUI(step_delay=0.005)) for _ in range(3 * PROBE_BATCH)]
+        gw, sub = await watch(comfy_config(*(f.url for f in farm)))
+        assert_monotonic_then_completed(await sub.wait(await submit(gw, sub, prompt="one")))
+        asked = [f for f in farm if any((c.method, c.path) == ("GET", "/queue") for c in f.calls)]
+        assert asked == farm[:PROBE_BATCH]  # the first few idle ones: none left unasked could be less loaded
+        assert [len(submitted(f)) for f in farm] == [1] + [0] * (len(farm) - 1)  # ties go in the farm's order
 
 
 async def test_save_image_websocket_outputs_are_the_result(gateway_factory: GatewayFactory,

@@ -13,6 +13,9 @@ import aiohttp
 
 from service.errors import UpstreamError
 
+# instances asked for their queue at once while choosing one
+PROBE_BATCH = 4
+
 
 @dataclass
 class Instance:
@@ -51,6 +54,26 @@ class Farm:
             self.mark_down(instance)
             return None
 
+    async def _least_loaded(self, candidates: list[Instance]) -> Instance | None:
+        """The candidate with the least load under `concurrency`, asking the `/queue` of as few as it can: in
+        order of this process's own jobs, a few at a time, until none left unasked could be less loaded (an
+        instance's load is at least our jobs on it). With a farm of many idle instances, a job asks a few of
+        them, not all."""
+        ordered = sorted(candidates, key=lambda i: i.active)  # stable: the farm's order breaks ties
+        best: tuple[int, Instance] | None = None
+        for start in range(0, len(ordered), PROBE_BATCH):
+            batch = ordered[start:start + PROBE_BATCH]
+            loads = await asyncio.gather(*(self._remote_load(i) for i in batch))
+            for instance, load in zip(batch, loads, strict=True):
+                if load is not None and max(instance.active, load) < self.concurrency:
+                    effective = max(instance.active, load)
+                    if best is None or effective < best[0]:
+                        best = (effective, instance)
+            rest = ordered[start + PROBE_BATCH:]
+            if best is not None and (not rest or best[0] <= rest[0].active):
+                break
+        return best[1] if best is not None else None
+
     @asynccontextmanager
     async def lease(self, on_wait: Callable[[], Awaitable[None]]) -> AsyncIterator[Instance]:
         """The least-loaded healthy instance with a free slot, held for the block; while all are busy it
@@ -73,12 +96,8 @@ class Farm:
                 # everything is marked down: probe the one that has waited longest instead of failing at once
                 candidates = [min(self.instances, key=lambda i: i.down_until)]
                 candidates[0].down_until = 0.0
-            loads = await asyncio.gather(*(self._remote_load(i) for i in candidates))
-            ranked = sorted((max(i.active, load), n, i)
-                            for n, (i, load) in enumerate(zip(candidates, loads, strict=True))
-                            if load is not None and max(i.active, load) < self.concurrency)
-            if ranked:
-                instance = ranked[0][2]
+            instance = await self._least_loaded(candidates)
+            if instance is not None:
                 instance.active += 1
                 return instance
             if not any(i.healthy for i in self.instances):
