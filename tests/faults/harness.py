@@ -23,6 +23,7 @@ import yaml
 from PIL import Image
 
 from service.constants import JOB_KEY
+from service.storage import LocalStorage, UrlSigner
 from tests.conftest import Processes, RedisServer, free_port, wait_http
 from tests.faults.conftest import AUTH
 from tests.faults.conftest import Cluster as ProcessCluster
@@ -88,8 +89,8 @@ class Cluster(ProcessCluster):
         return Ledger(statuses=statuses, records=records, usage=mine)
 
     def result_files(self, job_id: str) -> list[Path]:
-        return [path for path in (self.data_dir / "files" / job_id[:2]).glob(f"{job_id}-*")
-                if path.stem.split("-")[1].isdigit()]
+        storage = LocalStorage(self.data_dir / "files", UrlSigner(b"", 1))  # to find files, not to sign
+        return [path for path in storage.files(job_id) if path.stem.removeprefix(f"{job_id}-").isdigit()]
 
     async def settled(self, before: set[str], expected: int, within: float = 30) -> Ledger:
         """The jobs created since `before`, once every one has ended; asserts there are `expected` of them,
