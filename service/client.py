@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import os
 import shutil
 import sys
@@ -17,6 +16,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import aiohttp
+import pybase64
 import socketio
 
 from service.constants import EVENT_COMPLETED, EVENT_FAILED, EVENT_PROGRESS, PROGRESS_NAMESPACE
@@ -224,7 +224,7 @@ async def _write(http: aiohttp.ClientSession, data: list[dict[str, Any]], output
     paths = output_paths(output, len(data))
     for item, path in zip(data, paths, strict=True):
         if item.get("b64_json"):
-            content = base64.b64decode(item["b64_json"])
+            content = pybase64.b64decode(item["b64_json"])
         else:  # a signed link: it is its own credential (S3 refuses a second one)
             async with http.get(item["url"]) as resp:
                 resp.raise_for_status()

@@ -9,12 +9,12 @@ event: progress never goes down and exactly one terminal event reaches each subs
 from __future__ import annotations
 
 import asyncio
-import base64
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+import pybase64
 import socketio
 from arq.connections import ArqRedis
 
@@ -141,7 +141,7 @@ class ProgressPublisher:
         await self._emit(self.message(
             EVENT_PARTIAL_IMAGE,
             job_id,
-            {"partial_image_index": index, "b64_json": base64.b64encode(image).decode(), "output_format": fmt},
+            {"partial_image_index": index, "b64_json": pybase64.b64encode_as_string(image), "output_format": fmt},
         ))
 
     def finished_message(self, record: JobRecord) -> EventMessage:

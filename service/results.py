@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import base64
 import secrets
 from dataclasses import dataclass
 
+import pybase64
 from pydantic import PrivateAttr
 
 from service.errors import GatewayError, InternalError, from_dict
@@ -78,7 +78,7 @@ async def render_result(record: JobRecord, storage: Storage) -> ImagesResponse |
     images = iter(answer.images)
     for item in answer.response.data:
         if item.b64_json is not None:
-            item.b64_json = base64.b64encode(next(images)).decode()
+            item.b64_json = pybase64.b64encode_as_string(next(images))
     return answer.response
 
 

@@ -9,13 +9,13 @@ readable through the job API), and a lost event is covered by re-reading the rec
 from __future__ import annotations
 
 import asyncio
-import base64
 import io
 import json
 import logging
 import time
 from typing import Any
 
+import pybase64
 from aiohttp import web
 from PIL import Image
 
@@ -81,7 +81,7 @@ def partial_event(record: JobRecord, data: dict[str, Any]) -> dict[str, Any]:
 def _size_of(b64: str) -> str:
     """A partial image's size when the request said `auto`: read from the image header."""
     try:
-        with Image.open(io.BytesIO(base64.b64decode(b64))) as image:
+        with Image.open(io.BytesIO(pybase64.b64decode(b64))) as image:
             return f"{image.width}x{image.height}"
     except (OSError, ValueError):  # a preview Pillow cannot read still goes out, sized as asked
         return "auto"
@@ -98,7 +98,7 @@ async def completed_events(record: JobRecord, storage: Storage) -> list[dict[str
             raise InternalError(f"the images of job {record.id} are no longer stored", code="result_expired")
         events.append({
             "type": f"{event_prefix(record)}.completed",
-            "b64_json": base64.b64encode(raw).decode(),
+            "b64_json": pybase64.b64encode_as_string(raw),
             "created_at": result.created,
             "size": result.size or record.spec.size,
             "quality": result.quality or "auto",

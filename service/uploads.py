@@ -6,13 +6,13 @@ image's dimensions."""
 from __future__ import annotations
 
 import asyncio
-import base64
 import binascii
 import io
 import re
 from dataclasses import dataclass, field
 from typing import Any
 
+import pybase64
 from aiohttp import BodyPartReader, web
 from aiohttp.http_exceptions import HttpProcessingError
 from PIL import Image
@@ -163,7 +163,7 @@ def decode_reference(value: str, field: str, max_bytes: int) -> bytes:
     if len(payload) * 3 // 4 > max_bytes:
         raise too_large(field, max_bytes)
     try:
-        return base64.b64decode(payload, validate=True)
+        return pybase64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError):
         raise InvalidRequest(f"Invalid '{field}': expected an http(s) URL, a data URL or base64 image data.",
                              param=field, code="invalid_image") from None

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import binascii
 from collections.abc import Sequence
 
+import pybase64
 from aiohttp import web
 from pydantic import BaseModel
 
@@ -29,7 +29,7 @@ async def spliced_response(request: web.Request, model: BaseModel, mark: str, pa
     length = sum(map(len, parts)) + sum(4 * ((len(p) + 2) // 3) for p in payloads)
     if length <= B64_STEP:  # small: one write with the headers beats a write per piece
         pieces = [piece for part, payload in zip(parts, payloads, strict=False)
-                  for piece in (part, binascii.b2a_base64(payload, newline=False))]
+                  for piece in (part, pybase64.b64encode(payload))]
         return web.Response(body=b"".join([*pieces, parts[-1]]), content_type="application/json")
     response = web.StreamResponse()
     response.content_type = "application/json"
@@ -40,7 +40,7 @@ async def spliced_response(request: web.Request, model: BaseModel, mark: str, pa
             await response.write(part)
             view = memoryview(payload)
             for start in range(0, len(view), B64_STEP):
-                await response.write(binascii.b2a_base64(view[start:start + B64_STEP], newline=False))
+                await response.write(pybase64.b64encode(view[start:start + B64_STEP]))
         await response.write(parts[-1])
         await response.write_eof()
     except ConnectionResetError:  # the client went away: nothing left to answer

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
 import aiohttp
+import pybase64
 from pydantic import BaseModel, ConfigDict
 
 from service.errors import UpstreamError, UpstreamRejected
@@ -162,7 +163,7 @@ def decode_b64_image(value: str | bytes, revised_prompt: str | None = None) -> G
         raw = value.encode() if isinstance(value, str) else value
         if raw.startswith(b"data:"):
             raw = raw.partition(b",")[2]
-        data = binascii.a2b_base64(raw, strict_mode=True)
+        data = pybase64.b64decode(raw, validate=True)
     except (binascii.Error, ValueError):
         raise UpstreamError("the upstream returned invalid base64 image data", code="bad_upstream_image") from None
     return GeneratedImage(data=data, format=sniff_format(data), revised_prompt=revised_prompt)

@@ -22,10 +22,10 @@ seed is varied per call so the images differ. Edits send the input images as dat
 
 from __future__ import annotations
 
-import base64
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import pybase64
 from pydantic import Field
 
 from service.errors import UpstreamRejected
@@ -86,7 +86,7 @@ class DoubaoOptions(ProviderOptions):
 
 
 def data_url(image: InputImage) -> str:
-    return f"data:{image.content_type};base64,{base64.b64encode(image.data).decode()}"
+    return f"data:{image.content_type};base64,{pybase64.b64encode_as_string(image.data)}"
 
 
 def ark_body(spec: ImageSpec, images: list[InputImage], options: DoubaoOptions, model: str, count: int,

@@ -35,12 +35,12 @@ How the gateway's request reaches Google (the tables below, not conditionals):
 
 from __future__ import annotations
 
-import base64
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import pybase64
 from pydantic import Field
 
 from service.errors import UpstreamRejected
@@ -196,7 +196,7 @@ def api_root(deployment: Deployment, options: GeminiOptions) -> str:
 
 
 def inline_part(image: InputImage) -> dict[str, Any]:
-    return {"inlineData": {"mimeType": image.content_type, "data": base64.b64encode(image.data).decode()}}
+    return {"inlineData": {"mimeType": image.content_type, "data": pybase64.b64encode_as_string(image.data)}}
 
 
 def gemini_payload(request: ImageRequest, options: GeminiOptions, ratio: str | None, index: int,

@@ -242,7 +242,7 @@ class OpenAIProvider(Provider):
             if isinstance(b64, RawString):
                 b64 = b64.take()
             if isinstance(b64, str | bytes):
-                # on the loop (~6 ms for a 4 MB image): from a thread, a 10-image answer peaked ~45 MiB higher
+                # on the loop (~0.5 ms for a 4 MB image): from a thread, a 10-image answer peaked ~45 MiB higher
                 images.append(decode_b64_image(b64, revised))
             elif isinstance(item.get("url"), str):
                 image = await download_image(client, item["url"], options.max_image_bytes)

@@ -25,9 +25,9 @@ How the gateway's request reaches OpenRouter:
 
 from __future__ import annotations
 
-import base64
 from typing import Any, Literal
 
+import pybase64
 from pydantic import Field
 
 from service.errors import GatewayError
@@ -141,7 +141,7 @@ def request_headers(deployment: Deployment, options: OpenRouterOptions) -> dict[
 
 
 def image_part(image: InputImage) -> dict[str, Any]:
-    data = base64.b64encode(image.data).decode()
+    data = pybase64.b64encode_as_string(image.data)
     return {"type": "image_url", "image_url": {"url": f"data:{image.content_type};base64,{data}"}}
 
 
