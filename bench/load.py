@@ -198,7 +198,7 @@ async def open_loop(target: Target, rate: float, duration: float, connections: i
 
 async def serve() -> None:
     loop = asyncio.get_running_loop()
-    reader = asyncio.StreamReader()
+    reader = asyncio.StreamReader(limit=1 << 24)  # a command may list every event of a run
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
     pools = {"sio": SubscriberPool(), "plain": SubscriberPool()}
     try:

@@ -487,7 +487,8 @@ async def comfyui_progress(bench: Bench, gateway: Service, plain: Service, farm:
     reporter -> Redis -> the front end -> Socket.IO subscribers. Jobs are queued first, their subscribers
     connected, then a worker with a slot per job started, and the farm runs the prompts once it holds them all;
     each sampler step's event is timed from the send of the farm's first frame of that step (jobs are told apart
-    by their prompt). The baseline publishes as many events at the same rate through Redis to `bench.plain_ws`."""
+    by their prompt). The baseline publishes an event per step, at the times the farm sent them, through Redis
+    to `bench.plain_ws`."""
     sizes = bench.sizes
     bodies, jobs = [], {}  # job id -> its prompt, which names it at the farm
     for i in range(sizes.progress_jobs):
@@ -532,12 +533,14 @@ async def comfyui_progress(bench: Bench, gateway: Service, plain: Service, farm:
                for job_id, count in subscribed["per_job"].items())
     lost = owed - len(journal["events"]) - journal["ended"]
 
-    # the baseline: as many events as there were steps, at the rate the farm sent them
-    times = sorted(at for job_steps in sent.values() for at in job_steps.values())
+    # the baseline: an event for each step, for its job, at the time the farm sent that step's first frame: both
+    # sides get the same pacing
+    schedule = sorted((at, job_id) for job_id, prompt in jobs.items() for at in sent[prompt].values())
     await bench.load.run("subscribe", kind="plain", url=plain.url, api_key=GATEWAY_KEY, job_ids=list(jobs),
                          count=sizes.subscribers)
-    base = await bench.load.run("publish", kind="plain", redis_url=bench.stack.redis_url, job_ids=list(jobs),
-                                events=steps, interval=(times[-1] - times[0]) / max(1, steps - 1))
+    base = await bench.load.run("publish", kind="plain", redis_url=bench.stack.redis_url,
+                                job_ids=[job_id for _, job_id in schedule], events=len(schedule),
+                                at=[at - schedule[0][0] for at, _ in schedule])
     await bench.load.run("unsubscribe", kind="plain")
     every = latencies[True] + latencies[False]
     scenario = f"progress, {len(jobs)} jobs on a fake ComfyUI farm, {sizes.subscribers:,} subscribers"

@@ -144,7 +144,7 @@ class SubscriberPool:
             return await self.read_journal(command["within"])
         if op == "publish":
             return await self.publish(command["kind"], command["redis_url"], command["job_ids"],
-                                      command["events"], command.get("interval", 0.0))
+                                      command["events"], command.get("interval", 0.0), command.get("at"))
         if op == "unsubscribe":
             await self.close()
             return {"closed": True}
@@ -175,18 +175,19 @@ class SubscriberPool:
         return {"connected": len(self.subscribers), "per_job": self.per_job,
                 "seconds": time.perf_counter() - started}
 
-    async def publish(self, kind: str, redis_url: str, job_ids: list[str], events: int, interval: float
-                      ) -> dict[str, Any]:
-        """Publish `events` progress events round-robin over `job_ids`, `interval` apart (0: back to back),
-        and wait for every delivery the subscribers are owed."""
+    async def publish(self, kind: str, redis_url: str, job_ids: list[str], events: int, interval: float,
+                      at: list[float] | None = None) -> dict[str, Any]:
+        """Publish `events` progress events round-robin over `job_ids`, `interval` apart (0: back to back) or
+        each at its offset in `at` (seconds from the first), and wait for every delivery the subscribers are
+        owed."""
         self.latencies, self.received = [], 0
         expected = sum(self.per_job[job_ids[i % len(job_ids)]] for i in range(events))
         emit = await self._publisher(kind, redis_url)
         started = time.monotonic()
         try:
             for i in range(events):
-                if interval:
-                    await asyncio.sleep(started + i * interval - time.monotonic())
+                if at is not None or interval:
+                    await asyncio.sleep(started + (at[i] if at is not None else i * interval) - time.monotonic())
                 await emit(job_ids[i % len(job_ids)], f"{STAGE_PREFIX}{i} {time.monotonic()!r}")
             await self._until(lambda: self.received >= expected, 10)
         finally:
