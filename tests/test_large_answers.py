@@ -3,35 +3,28 @@ integrity check that replaces a full decode, and the streamed images response.""
 
 from __future__ import annotations
 
-import asyncio
 import base64
-import contextlib
 import io
 import json
 import random
 import zlib
 from typing import Any, cast
 
-import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from PIL import Image
 
-import workers.providers.base as providers_base
-import workers.router as router_module
 from service.errors import UpstreamError
 from service.results import HeldResult, render_answer, render_result
 from service.routes.responses import B64_STEP, model_response, spliced_response
-from service.schemas import ImageData, ImageSpec, ImagesResponse
-from service.settings import GatewayConfig
+from service.schemas import ImageData, ImagesResponse
 from service.state import DISPATCHER, STORAGE
 from service.storage import Storage
 from tests.conftest import Gateway
 from workers.imaging import decodes, png_is_whole
-from workers.providers.base import ImageRequest, decode_b64_image
+from workers.providers.base import decode_b64_image
 from workers.providers.json_stream import LONG_STRING, MAX_SPLIT_STRINGS, JsonSplitter, RawString
-from workers.router import RoutedResult, Router
 
 
 def split(body: bytes, sizes: list[int], raw_keys: frozenset[str] = frozenset()) -> Any:
@@ -237,89 +230,3 @@ def test_base64_images_decode_alike_from_text_and_from_bytes() -> None:
     for broken in (text[:-1], text + "!", "é" + text, b"QQ==QQ==", b"data:image/png;base64,@@@@"):
         with pytest.raises(UpstreamError):
             decode_b64_image(broken)
-
-
-def noise_png(side: int, seed: int) -> bytes:
-    """A PNG of random pixels, whose base64 is well past LONG_STRING: an answer's long string."""
-    out = io.BytesIO()
-    Image.frombytes("RGB", (side, side), random.Random(seed).randbytes(side * side * 3)).save(out, "PNG")
-    return out.getvalue()
-
-
-class TwoPartUpstream:
-    """An OpenAI images endpoint whose answer comes in two writes: the first image's string whole, then the
-    rest once `ready` is set (or a few seconds passed)."""
-
-    def __init__(self, first: bytes, second: bytes) -> None:
-        body = json.dumps({"created": 1, "data": [{"b64_json": base64.b64encode(first).decode()},
-                                                  {"b64_json": base64.b64encode(second).decode()}]}).encode()
-        cut = body.index(b"}") + 1  # just past the first image's object
-        self.parts = (body[:cut], body[cut:])
-        self.ready = asyncio.Event()
-        self.ready_before_rest = False
-
-    async def handler(self, request: web.Request) -> web.StreamResponse:
-        await request.read()
-        response = web.StreamResponse(headers={"Content-Type": "application/json"})
-        response.content_length = sum(map(len, self.parts))
-        await response.prepare(request)
-        await response.write(self.parts[0])
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.ready.wait(), 5)
-        self.ready_before_rest = self.ready.is_set()
-        await response.write(self.parts[1])
-        return response
-
-
-async def generate_from(upstream: TwoPartUpstream) -> RoutedResult:
-    app = web.Application()
-    app.router.add_post("/v1/images/generations", upstream.handler)
-    config = GatewayConfig.model_validate({
-        "providers": {"oa": {"type": "openai", "base_url": "", "api_key_env": "NO_SUCH_KEY"}},
-        "models": {"gpt-image-1": {"family": "gpt-image", "retry": {"attempts": 1},
-                                   "deployments": [{"provider": "oa"}]}},
-    })
-    async with TestServer(app) as server, aiohttp.ClientSession() as http:
-        config.providers["oa"].base_url = str(server.make_url("/v1"))
-        router = Router(config, http)
-        request = ImageRequest(spec=ImageSpec(model="gpt-image-1", prompt="noise", n=2, size="1024x1024"))
-        return await router.generate(request, Progress())
-
-
-class Progress:
-    async def update(self, fraction: float, stage: str) -> None:
-        pass
-
-    async def partial_image(self, image: bytes, fmt: str) -> None:
-        pass
-
-
-async def test_each_large_image_is_checked_while_the_rest_arrives(monkeypatch: pytest.MonkeyPatch) -> None:
-    first, second = noise_png(200, 1), noise_png(200, 2)
-    upstream = TwoPartUpstream(first, second)
-    loop = asyncio.get_running_loop()
-    checked: list[bytes] = []
-
-    def recorded(data: bytes) -> bool:
-        checked.append(data)
-        loop.call_soon_threadsafe(upstream.ready.set)
-        return decodes(data)
-
-    monkeypatch.setattr(providers_base, "decodes", recorded)
-    monkeypatch.setattr(router_module, "decodes", recorded)
-    routed = await generate_from(upstream)
-    assert [image.data for image in routed.result.images] == [first, second]
-    assert upstream.ready_before_rest  # the first image was checked before the answer's rest was sent
-    assert checked == [first, second]  # and neither was checked again once the answer was whole
-
-
-async def test_a_corrupt_image_checked_early_fails_the_call() -> None:
-    good = noise_png(200, 3)
-    damaged = bytearray(good)
-    damaged[len(good) // 2:len(good) // 2 + 64] = bytes(64)
-    for first, second in ((bytes(damaged), good), (good, bytes(damaged))):
-        upstream = TwoPartUpstream(first, second)
-        upstream.ready.set()
-        with pytest.raises(UpstreamError, match="truncated or corrupt") as failure:
-            await generate_from(upstream)
-        assert failure.value.code == "bad_upstream_image"

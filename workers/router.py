@@ -185,14 +185,11 @@ class Router:
     async def _check_images(deployment: Deployment, result: ProviderResult) -> None:
         """A truncated or corrupt image is the upstream's failure (worth another try), never a result. Large
         images are checked side by side, in threads (inflating their pixels releases the GIL); small ones
-        right here, cheaper than the hop; those the provider checked as they arrived, not again."""
-        images = result.images
-        whole = {i: image.whole for i, image in enumerate(images) if image.whole is not None}
-        whole |= {i: decodes(image.data) for i, image in enumerate(images)
-                  if i not in whole and cheap_to_check(image.data)}
-        large = [i for i in range(len(images)) if i not in whole]
-        checked = await asyncio.gather(*(asyncio.to_thread(decodes, images[i].data) for i in large))
-        whole |= dict(zip(large, checked, strict=True))
+        right here, cheaper than the hop."""
+        small = {i: decodes(image.data) for i, image in enumerate(result.images) if cheap_to_check(image.data)}
+        large = [i for i in range(len(result.images)) if i not in small]
+        checked = await asyncio.gather(*(asyncio.to_thread(decodes, result.images[i].data) for i in large))
+        whole = small | dict(zip(large, checked, strict=True))
         for index in range(len(result.images)):
             if not whole[index]:
                 raise UpstreamError(f"Upstream '{deployment.provider}' (model '{deployment.upstream_model}') "

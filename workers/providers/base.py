@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import binascii
 import builtins
 from abc import ABC, abstractmethod
@@ -16,8 +15,6 @@ from pydantic import BaseModel, ConfigDict
 from service.errors import UpstreamError, UpstreamRejected
 from service.schemas import ImageSpec
 from service.settings import DeploymentConfig, ProviderConfig
-from workers.imaging import decodes
-from workers.providers.json_stream import RawString
 
 
 class ProgressReporter(Protocol):
@@ -57,7 +54,6 @@ class GeneratedImage:
     data: bytes
     format: str  # png | jpeg | webp, as sniffed from the bytes
     revised_prompt: str | None = None
-    whole: bool | None = None  # what `decodes` found, when it was checked as it arrived (`EarlyImages`)
 
 
 @dataclass
@@ -171,38 +167,6 @@ def decode_b64_image(value: str | bytes, revised_prompt: str | None = None) -> G
     except (binascii.Error, ValueError):
         raise UpstreamError("the upstream returned invalid base64 image data", code="bad_upstream_image") from None
     return GeneratedImage(data=data, format=sniff_format(data), revised_prompt=revised_prompt)
-
-
-# how base64 images start: PNG, JPEG and WEBP signatures, or a data URL
-B64_IMAGE_STARTS = (b"iVBORw0KGgo", b"/9j/", b"UklGR", b"data:image/")
-
-
-class EarlyImages:
-    """`JsonSplitter.on_long` for answers whose long strings are base64 images: each is taken as soon as it has
-    arrived, then decoded and checked (`decodes`) in a thread while the rest of the answer arrives, instead of
-    all of them after it (a 2048x2048 PNG takes ~14 ms to check). Its `early` future gives the checked
-    `GeneratedImage`; `discard` lets go of those never collected."""
-
-    def __init__(self) -> None:
-        self.started: list[asyncio.Future[GeneratedImage]] = []
-
-    def __call__(self, raw: RawString) -> None:
-        if raw.head(16).startswith(B64_IMAGE_STARTS):
-            raw.early = asyncio.ensure_future(asyncio.to_thread(_checked_image, raw.take()))
-            self.started.append(raw.early)
-
-    def discard(self) -> None:
-        for future in self.started:
-            if not future.done():
-                future.cancel()
-            elif not future.cancelled():
-                future.exception()  # retrieved: an image nobody collected is no error of its own
-
-
-def _checked_image(b64: bytes) -> GeneratedImage:
-    image = decode_b64_image(b64)
-    image.whole = decodes(image.data)
-    return image
 
 
 def reject_operation(spec: ImageSpec, provider: str) -> UpstreamRejected:

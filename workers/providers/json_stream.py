@@ -4,10 +4,8 @@ alongside its raw bytes."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import secrets
-from collections.abc import Callable
 from typing import Any
 
 # strings at least this long (base64 images, not messages or URLs) are kept out of the parsed answer
@@ -23,12 +21,6 @@ class RawString:
 
     def __init__(self, raw: bytes) -> None:
         self._raw: bytes | None = raw
-        # what a hook made of the string once it ended, when it took it there and then (`JsonSplitter.on_long`)
-        self.early: asyncio.Future[Any] | None = None
-
-    def head(self, size: int) -> bytes:
-        """The first `size` bytes, left in place (empty once taken)."""
-        return self._raw[:size] if self._raw is not None else b""
 
     def take(self) -> bytes:
         """The string's value in UTF-8, with no copy unless it has JSON escapes; the bytes are let go, so an
@@ -45,11 +37,9 @@ class RawString:
 class JsonSplitter:
     """Fed the answer's bytes chunk by chunk: short strings and everything around them build a small JSON
     text, each long string becomes a placeholder for its `RawString`. Quotes are found with `bytes.find`,
-    so a 50 MB answer costs a few hundred C-speed scans. `on_long` is given each long string as soon as it
-    ends, while the rest of the answer is still arriving."""
+    so a 50 MB answer costs a few hundred C-speed scans."""
 
-    def __init__(self, on_long: Callable[[RawString], None] | None = None) -> None:
-        self.on_long = on_long
+    def __init__(self) -> None:
         self.small = bytearray()
         self.long: dict[str, RawString] = {}
         self.mark = f"\0{secrets.token_hex(8)}:"  # an answer cannot forge it: random, and \0 is never raw JSON
@@ -121,8 +111,6 @@ class JsonSplitter:
         name = f"{self.mark}{len(self.long)}"
         self.long[name] = RawString(raw)
         self.small += json.dumps(name).encode()
-        if self.on_long is not None:
-            self.on_long(self.long[name])
 
     def text(self) -> str:
         """The answer without its long strings, for messages; a string still open is left as it came."""
@@ -131,7 +119,7 @@ class JsonSplitter:
 
     def parse(self, raw_keys: frozenset[str] = frozenset()) -> Any:
         """The parsed answer (ValueError if it is not JSON): a long string that is the value of a key in
-        `raw_keys` stays a `RawString`, the others are put back as they were (unless a hook took them early)."""
+        `raw_keys` stays a `RawString`, the others are put back as they were."""
         if self._inside:
             raise ValueError("the answer ends inside a string")
         parsed = json.loads(self.small)
@@ -140,7 +128,7 @@ class JsonSplitter:
     def _restore(self, value: Any, raw_keys: frozenset[str], key: str | None) -> Any:
         if isinstance(value, str) and value.startswith(self.mark):
             raw = self.long[value]
-            return raw if key in raw_keys or raw.early is not None else raw.take().decode()
+            return raw if key in raw_keys else raw.take().decode()
         if isinstance(value, dict):
             return {name: self._restore(item, raw_keys, name) for name, item in value.items()}
         if isinstance(value, list):

@@ -45,7 +45,6 @@ from pydantic import Field
 from service.schemas import ImageSpec
 from workers.providers.base import (
     Deployment,
-    EarlyImages,
     GeneratedImage,
     ImageRequest,
     InputImage,
@@ -192,16 +191,12 @@ class OpenAIProvider(Provider):
                     {"json": body} if spec.operation == "generate"
                     else {"data": multipart(body, request.images, request.mask)})
                 return await self._stream(client, url, headers, payload, options, progress)
-            early = EarlyImages()
-            try:
-                if spec.operation == "generate":
-                    answer = await client.post_json(url, body, headers, raw_keys=IMAGE_KEYS, on_long=early)
-                else:
-                    answer = await client.post_form(url, multipart(body, request.images, request.mask), headers,
-                                                    raw_keys=IMAGE_KEYS, on_long=early)
-                return await self._images(client, answer, options), answer.body
-            finally:
-                early.discard()
+            if spec.operation == "generate":
+                answer = await client.post_json(url, body, headers, raw_keys=IMAGE_KEYS)
+            else:
+                answer = await client.post_form(url, multipart(body, request.images, request.mask), headers,
+                                                raw_keys=IMAGE_KEYS)
+            return await self._images(client, answer, options), answer.body
 
         await progress.update(0.05, "waiting for the upstream")
         answers = await fan_out(calls_for(spec.n, params.max_n), call)
@@ -244,11 +239,6 @@ class OpenAIProvider(Provider):
         for item in data:
             revised = item.get("revised_prompt")
             b64 = item.get("b64_json")
-            if isinstance(b64, RawString) and b64.early is not None:
-                image = await b64.early  # decoded and checked as it arrived
-                image.revised_prompt = revised
-                images.append(image)
-                continue
             if isinstance(b64, RawString):
                 b64 = b64.take()
             if isinstance(b64, str | bytes):

@@ -4,7 +4,6 @@ failures and HTTP statuses turned into the gateway's errors, and credentials kep
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from typing import Any, Literal
@@ -14,11 +13,10 @@ from multidict import CIMultiDictProxy
 
 from service.errors import GatewayError, UpstreamError, UpstreamRejected, UpstreamTimeout
 from workers.providers.base import Deployment
-from workers.providers.json_stream import LONG_STRING, JsonSplitter, RawString
+from workers.providers.json_stream import LONG_STRING, JsonSplitter
 
 # JSON answers carry base64 images: several 4K pictures fit well below this
 MAX_ANSWER_BYTES = 128 * 1024 * 1024
-OnLong = Callable[[RawString], None] | None
 MAX_DETAIL_CHARS = 500
 
 FailureKind = Literal["rejected", "auth", "rate_limited", "timeout", "failed"]
@@ -101,22 +99,21 @@ class UpstreamClient:
         return error
 
     async def post_json(self, url: str, payload: dict[str, Any], headers: dict[str, str], *,
-                        raw_keys: frozenset[str] = frozenset(), on_long: OnLong = None) -> JsonAnswer:
-        """The JSON answer; its long strings under `raw_keys` (base64 images) are `RawString`s, taken once, each
-        given to `on_long` as soon as it has arrived."""
-        return await self._post(url, headers, raw_keys, on_long, json=payload)
+                        raw_keys: frozenset[str] = frozenset()) -> JsonAnswer:
+        """The JSON answer; its long strings under `raw_keys` (base64 images) are `RawString`s, taken once."""
+        return await self._post(url, headers, raw_keys, json=payload)
 
     async def post_form(self, url: str, form: aiohttp.FormData, headers: dict[str, str], *,
-                        raw_keys: frozenset[str] = frozenset(), on_long: OnLong = None) -> JsonAnswer:
+                        raw_keys: frozenset[str] = frozenset()) -> JsonAnswer:
         """A multipart body (image edits with their files), answered in JSON like `post_json`."""
-        return await self._post(url, headers, raw_keys, on_long, data=form)
+        return await self._post(url, headers, raw_keys, data=form)
 
-    async def _post(self, url: str, headers: dict[str, str], raw_keys: frozenset[str], on_long: OnLong,
-                    **body: Any) -> JsonAnswer:
+    async def _post(self, url: str, headers: dict[str, str], raw_keys: frozenset[str], **body: Any
+                    ) -> JsonAnswer:
         timeout = aiohttp.ClientTimeout(total=self.deployment.timeout)
         try:
             async with self.http.post(url, headers=headers, timeout=timeout, **body) as resp:
-                answer = await self._read(resp, on_long)
+                answer = await self._read(resp)
                 status, answer_headers = resp.status, resp.headers
         except TimeoutError:
             raise self.failure("timeout", f"no answer within {self.deployment.timeout:g} s") from None
@@ -133,10 +130,10 @@ class UpstreamClient:
                                code="bad_upstream_answer")
         return JsonAnswer(status=status, headers=answer_headers, body=parsed, text=text)
 
-    async def _read(self, resp: aiohttp.ClientResponse, on_long: OnLong) -> JsonSplitter:
+    async def _read(self, resp: aiohttp.ClientResponse) -> JsonSplitter:
         """The whole body, split as it arrives, refused as soon as it grows past the cap instead of after
         buffering it all."""
-        answer = JsonSplitter(on_long)
+        answer = JsonSplitter()
         if resp.content_length is not None and resp.content_length < LONG_STRING:
             answer.keep(await resp.read())  # the common small answer (errors, URLs): nothing to split
             return answer
