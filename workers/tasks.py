@@ -37,8 +37,10 @@ class JobProgress:
         self.last_sent_at = time.monotonic()
         self.partials = 0
         self.closed = False
-        self._flush: asyncio.Task[None] | None = None  # waits out the interval, then sends the latest state
-        self._sending: asyncio.Task[None] | None = None  # the flush's send under way
+        # waits out the interval, then starts the flush: a timer, since cancelling a waiting task would leave
+        # an exception, its traceback and frames to the cyclic collector on every inline request
+        self._timer: asyncio.TimerHandle | None = None
+        self._sending: asyncio.Task[None] | None = None  # the flush under way
 
     async def update(self, fraction: float, stage: str) -> None:
         # 100 belongs to the terminal event; keep the bar at 99 until the images are stored
@@ -47,18 +49,18 @@ class JobProgress:
         wait = self.last_sent_at + self.interval - time.monotonic()
         if wait <= 0:
             await self._send()
-        elif self._flush is None and not self.closed:
-            self._flush = asyncio.create_task(self._send_later(wait))
+        elif self._timer is None and self._sending is None and not self.closed:
+            self._timer = asyncio.get_running_loop().call_later(wait, self._start_flush)
 
-    async def _send_later(self, delay: float) -> None:
-        while True:
-            await asyncio.sleep(delay)
-            self._sending = asyncio.create_task(self._send())
-            await asyncio.shield(self._sending)  # `close` stops the flush, not a send half-way: it waits for it
-            if (self.percent, self.stage) == self.sent:  # else it was updated during the send
-                break
-            delay = self.interval
-        self._flush = None
+    def _start_flush(self) -> None:
+        self._timer = None
+        self._sending = asyncio.create_task(self._flush())
+
+    async def _flush(self) -> None:
+        await self._send()
+        self._sending = None
+        if (self.percent, self.stage) != self.sent and not self.closed:  # updated during the send
+            self._timer = asyncio.get_running_loop().call_later(self.interval, self._start_flush)
 
     async def _send(self) -> None:
         state = (self.percent, self.stage)
@@ -76,10 +78,10 @@ class JobProgress:
         """Before the job's terminal event, which no progress event may follow: a waiting flush is dropped, a
         send half-way is waited for, and later updates are ignored."""
         self.closed = True
-        if self._flush is not None:
-            self._flush.cancel()
-        await asyncio.gather(*(task for task in (self._flush, self._sending) if task is not None),
-                             return_exceptions=True)
+        if self._timer is not None:
+            self._timer.cancel()
+        if self._sending is not None:
+            await asyncio.gather(self._sending, return_exceptions=True)
 
 
 async def run_image_job(ctx: dict[str, Any], job_id: str, owner: str, run_for: float) -> None:
