@@ -9,9 +9,10 @@ import os
 import sys
 
 # A request makes thousands of short-lived objects (models, futures, dicts): at the default threshold of 700
-# the young generation is collected several times per request. Reference counting frees nearly all of them;
-# collecting every 50,000 allocations instead lets a few MB of cyclic garbage wait, for about a tenth of a
-# request's CPU on the bench's 2 cores (bench/README.md).
+# the young generation is collected several times per request. Reference counting frees them all (a sync
+# request leaves no cycle, tests/test_job_progress.py): collecting every 50,000 allocations saves about a
+# tenth of a request's CPU on the bench's 2 cores (bench/README.md). A cycle made per request would pile up
+# to that many objects, freed in one pause (it was 76 ms).
 YOUNG_THRESHOLD = 50_000
 
 # glibc's mallopt parameters set, by the variable that sets them at start-up instead: (parameter, value)
