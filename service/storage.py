@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import hmac
 import logging
+import os
 import re
 import time
 from datetime import UTC, datetime, timedelta
@@ -26,6 +27,7 @@ NAME_PATTERN = re.compile(r"^[0-9a-f]{32}/(?:[0-9]{1,3}|input-[0-9]{1,2}|mask)\.
 RESULT_PATTERN = re.compile(r"^[0-9a-f]{32}/[0-9]{1,3}\.(png|jpeg|webp)$")
 # Files up to this size are read and written on the event loop: a thread hop costs more than the I/O itself
 INLINE_IO_BYTES = 256 * 1024
+WRITE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_BINARY", 0)  # O_BINARY: Windows only
 CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 # a Unix time in ASCII digits: str.isdigit() also accepts "²" or a number too long for int()
 EXPIRES_PATTERN = re.compile(r"^[0-9]{1,12}$")
@@ -115,13 +117,22 @@ class LocalStorage:
 
     @staticmethod
     def _write(path: Path, data: bytes) -> None:
-        tmp = path.with_suffix(".tmp")
+        """Written under a temporary name, then renamed: readers never see half a file. Plain `os` calls: a
+        small image costs about a third less than through `Path.write_bytes` (no fstat, ioctl or seek)."""
+        target = os.fspath(path)
+        tmp = target + ".tmp"
         try:
-            tmp.write_bytes(data)
+            fd = os.open(tmp, WRITE_FLAGS, 0o666)
         except FileNotFoundError:  # the first file of its folder
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp.write_bytes(data)
-        tmp.replace(path)  # readers never see half a file
+            fd = os.open(tmp, WRITE_FLAGS, 0o666)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+        finally:
+            os.close(fd)
+        os.replace(tmp, target)
 
     async def get(self, name: str) -> bytes | None:
         path = self._path(name)
