@@ -15,7 +15,7 @@ import sys
 # to that many objects, freed in one pause (it was 76 ms).
 YOUNG_THRESHOLD = 50_000
 
-# glibc's mallopt parameters set, by the variable that sets them at start-up instead: (parameter, value)
+# the glibc mallopt parameters set here, keyed by the variable that would set them at start-up: (parameter, value)
 MALLOPTS = {
     "MALLOC_MMAP_THRESHOLD_": (-3, 32 * 2**20),  # M_MMAP_THRESHOLD: the largest glibc takes
     "MALLOC_TRIM_THRESHOLD_": (-1, 64 * 2**20),  # M_TRIM_THRESHOLD
