@@ -84,13 +84,13 @@ async def run(bench: Bench, groups: set[str]) -> None:
         await scenarios.comfyui_progress(bench, front, plain, farm)
 
 
-async def main(quick: bool, groups: set[str], output: Path) -> int:
+async def main(quick: bool, groups: set[str], output: Path, redis: str) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="imagegw-bench-"))
     stack = Stack(workdir)
     started, ticks = time.monotonic(), cpu_ticks()
     mode = "quick" if quick else "full"
     try:
-        await stack.start_redis()
+        await stack.start_redis(unix=redis == "unix")
         bench = Bench(stack, await stack.start_load(), Sizes.for_mode(quick))
         try:
             await run(bench, groups)
@@ -103,8 +103,8 @@ async def main(quick: bool, groups: set[str], output: Path) -> int:
             print(table(bench.rows))
             for note in bench.notes:
                 print("note:", note)
-            print(f"\n{mode} run, {time.monotonic() - started:.0f} s; results in {output}")
-            write_results(output, bench.rows, mode, bench.notes, steal)
+            print(f"\n{mode} run, Redis over {redis}, {time.monotonic() - started:.0f} s; results in {output}")
+            write_results(output, bench.rows, mode, redis, bench.notes, steal)
     finally:
         await stack.close()
     shutil.rmtree(workdir, ignore_errors=True)
@@ -116,12 +116,14 @@ def cli() -> int:
     parser.add_argument("--quick", action="store_true", help="fewer samples (under five minutes)")
     parser.add_argument("--only", help=f"comma-separated groups: {', '.join(GROUPS)}")
     parser.add_argument("--output", type=Path, default=RESULTS, help=f"default {RESULTS}")
+    parser.add_argument("--redis", choices=("tcp", "unix"), default="tcp",
+                        help="how every process reaches the run's Redis: loopback TCP (default) or a Unix socket")
     args = parser.parse_args()
     groups = set(args.only.split(",")) if args.only else set(GROUPS)
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop like Ctrl-C: the processes get stopped
     if unknown := groups - set(GROUPS):
         parser.error(f"unknown groups: {', '.join(sorted(unknown))}")
-    return asyncio.run(main(args.quick, groups, args.output))
+    return asyncio.run(main(args.quick, groups, args.output, args.redis))
 
 
 if __name__ == "__main__":

@@ -131,14 +131,16 @@ class Stack:
         """Read by each gateway and worker when it starts."""
         self.config_path.write_text(yaml.safe_dump(gateway_config(self.upstream_url, self.comfyui_urls)))
 
-    async def start_redis(self) -> str:
+    async def start_redis(self, unix: bool = False) -> str:
+        """Redis for the run, reached by every process over loopback TCP or, with `unix`, a Unix socket."""
         binary = shutil.which("redis-server")
         if binary is None:
             raise SystemExit("redis-server is not installed (apt-get install -y redis-server)")
-        port = free_port()
+        port, socket_path = free_port(), self.workdir / "redis.sock"
         await self._spawn("redis", binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                          "--appendonly", "no", "--dir", str(self.workdir), "--loglevel", "warning")
-        self.redis_url = f"redis://127.0.0.1:{port}/0"
+                          "--appendonly", "no", "--dir", str(self.workdir), "--loglevel", "warning",
+                          *(("--unixsocket", str(socket_path), "--unixsocketperm", "700") if unix else ()))
+        self.redis_url = f"unix://{socket_path}?db=0" if unix else f"redis://127.0.0.1:{port}/0"
         redis = Redis.from_url(self.redis_url)
         try:
             for _ in range(250):
