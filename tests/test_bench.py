@@ -41,18 +41,19 @@ async def test_latency_scenario_produces_complete_rows(tmp_path: Path) -> None:
     assert not bench.notes  # no request failed
 
     output = tmp_path / "results.json"
-    write_results(output, bench.rows, "smoke", bench.notes, steal_share(ticks))
+    write_results(output, bench.rows, "smoke", "tcp", bench.notes, steal_share(ticks))
     document = json.loads(output.read_text())
-    assert document["cores"] >= 1 and document["commit"]
+    assert document["cores"] >= 1 and document["commit"] and document["redis"] == "tcp"
     assert 0 <= document["cpu_steal"] < 1  # the share of CPU time the machine's hypervisor took meanwhile
     assert [list(r) for r in document["rows"]] == [ROW_FIELDS] * 3
     assert document["rows"][0] == asdict(bench.rows[0])
 
 
 async def test_comfyui_progress_scenario_produces_complete_rows(tmp_path: Path) -> None:
+    """Over a Unix socket to Redis (`--redis unix`): the gateway, its worker and the bench's own clients."""
     stack = Stack(tmp_path)
     try:
-        await stack.start_redis()
+        assert (await stack.start_redis(unix=True)).startswith("unix://")
         await stack.start_upstream()
         bench = Bench(stack, await stack.start_load(),
                       replace(Sizes.for_mode(quick=True), progress_jobs=2, subscribers=4))
