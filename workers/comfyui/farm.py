@@ -65,10 +65,11 @@ class Farm:
             batch = ordered[start:start + PROBE_BATCH]
             loads = await asyncio.gather(*(self._remote_load(i) for i in batch))
             for instance, load in zip(batch, loads, strict=True):
-                if load is not None and max(instance.active, load) < self.concurrency:
-                    effective = max(instance.active, load)
-                    if best is None or effective < best[0]:
-                        best = (effective, instance)
+                if load is None:
+                    continue
+                effective = max(instance.active, load)
+                if effective < self.concurrency and (best is None or effective < best[0]):
+                    best = (effective, instance)
             rest = ordered[start + PROBE_BATCH:]
             if best is not None and (not rest or best[0] <= rest[0].active):
                 break
