@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import shutil
 import signal
 import sys
@@ -23,6 +24,13 @@ from service.settings import Settings
 GROUPS = ("embedded", "latency", "queue", "rate", "throughput", "large", "slow", "progress")
 RESULTS = Path(__file__).resolve().parent / "results.json"
 STEAL_WARNING = 0.02
+# a RAM filesystem for the run's files, the gateways' stored images among them: on a disk, what creating a file
+# costs can depend on what was deleted before (bench/README, "Where the files go")
+RAM_FILES = Path("/dev/shm")
+
+
+def default_files() -> Path:
+    return RAM_FILES if RAM_FILES.is_dir() and os.access(RAM_FILES, os.W_OK) else Path(tempfile.gettempdir())
 
 
 async def run(bench: Bench, groups: set[str]) -> None:
@@ -84,8 +92,8 @@ async def run(bench: Bench, groups: set[str]) -> None:
         await scenarios.comfyui_progress(bench, front, plain, farm)
 
 
-async def main(quick: bool, groups: set[str], output: Path, redis: str) -> int:
-    workdir = Path(tempfile.mkdtemp(prefix="imagegw-bench-"))
+async def main(quick: bool, groups: set[str], output: Path, redis: str, files: Path) -> int:
+    workdir = Path(tempfile.mkdtemp(prefix="imagegw-bench-", dir=files))
     stack = Stack(workdir)
     started, ticks = time.monotonic(), cpu_ticks()
     mode = "quick" if quick else "full"
@@ -103,8 +111,9 @@ async def main(quick: bool, groups: set[str], output: Path, redis: str) -> int:
             print(table(bench.rows))
             for note in bench.notes:
                 print("note:", note)
-            print(f"\n{mode} run, Redis over {redis}, {time.monotonic() - started:.0f} s; results in {output}")
-            write_results(output, bench.rows, mode, redis, bench.notes, steal)
+            print(f"\n{mode} run, Redis over {redis}, files in {files}, {time.monotonic() - started:.0f} s; "
+                  f"results in {output}")
+            write_results(output, bench.rows, mode, redis, str(files), bench.notes, steal)
     finally:
         await stack.close()
     shutil.rmtree(workdir, ignore_errors=True)
@@ -118,12 +127,15 @@ def cli() -> int:
     parser.add_argument("--output", type=Path, default=RESULTS, help=f"default {RESULTS}")
     parser.add_argument("--redis", choices=("tcp", "unix"), default="tcp",
                         help="how every process reaches the run's Redis: loopback TCP (default) or a Unix socket")
+    parser.add_argument("--files", type=Path, default=default_files(),
+                        help="where the run keeps its files, the images the gateways store included (default "
+                             f"{default_files()})")
     args = parser.parse_args()
     groups = set(args.only.split(",")) if args.only else set(GROUPS)
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop like Ctrl-C: the processes get stopped
     if unknown := groups - set(GROUPS):
         parser.error(f"unknown groups: {', '.join(sorted(unknown))}")
-    return asyncio.run(main(args.quick, groups, args.output, args.redis))
+    return asyncio.run(main(args.quick, groups, args.output, args.redis, args.files))
 
 
 if __name__ == "__main__":

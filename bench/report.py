@@ -126,8 +126,8 @@ def steal_share(start: tuple[int, int] | None) -> float | None:
     return (end[0] - start[0]) / (end[1] - start[1])
 
 
-def write_results(path: Path, rows: Sequence[Row], mode: str, redis: str, notes: Sequence[str],
+def write_results(path: Path, rows: Sequence[Row], mode: str, redis: str, files: str, notes: Sequence[str],
                   steal: float | None) -> None:
-    document = {**machine(), "mode": mode, "redis": redis, "cpu_steal": steal, "rows": [asdict(r) for r in rows],
-                "notes": list(notes)}
+    document = {**machine(), "mode": mode, "redis": redis, "files": files, "cpu_steal": steal,
+                "rows": [asdict(r) for r in rows], "notes": list(notes)}
     path.write_text(json.dumps(document, indent=2) + "\n")

@@ -41,9 +41,10 @@ async def test_latency_scenario_produces_complete_rows(tmp_path: Path) -> None:
     assert not bench.notes  # no request failed
 
     output = tmp_path / "results.json"
-    write_results(output, bench.rows, "smoke", "tcp", bench.notes, steal_share(ticks))
+    write_results(output, bench.rows, "smoke", "tcp", str(tmp_path), bench.notes, steal_share(ticks))
     document = json.loads(output.read_text())
     assert document["cores"] >= 1 and document["commit"] and document["redis"] == "tcp"
+    assert document["files"] == str(tmp_path)
     assert 0 <= document["cpu_steal"] < 1  # the share of CPU time the machine's hypervisor took meanwhile
     assert [list(r) for r in document["rows"]] == [ROW_FIELDS] * 3
     assert document["rows"][0] == asdict(bench.rows[0])
