@@ -34,6 +34,7 @@ class Target:
     raw: bytes
     status: int = 200
     contains: bytes = b""  # must appear in the first KiB of the body
+    ends: bytes = b""  # must appear in its last KiB (an event stream's last event)
     min_length: int = 0
 
     @classmethod
@@ -45,14 +46,21 @@ class Target:
                    "Content-Length": str(len(body)), **spec.get("headers", {})}
         head = f"POST {url.path} HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n"
         return cls(url.hostname, url.port, head.encode() + body, spec.get("status", 200),
-                   spec.get("contains", "").encode(), spec.get("min_length", 0))
+                   spec.get("contains", "").encode(), spec.get("ends", "").encode(), spec.get("min_length", 0))
 
     def check(self, status: int, body: bytes) -> str | None:
         if status != self.status:
             return f"status {status}: {body[:200]!r}"
-        if self.contains not in body[:1024] or len(body) < self.min_length:
-            return f"unexpected body ({len(body)} bytes): {body[:200]!r}"
+        if self.contains not in body[:1024] or self.ends not in body[-1024:] or len(body) < self.min_length:
+            return f"unexpected body ({len(body)} bytes): {body[:200]!r} ... {body[-200:]!r}"
         return None
+
+
+@dataclass
+class Answer:
+    status: int
+    body: bytes
+    first_chunk: float | None  # when the first chunk of a chunked body arrived (perf_counter)
 
 
 class Connection:
@@ -67,7 +75,7 @@ class Connection:
         self.reader, self.writer = await asyncio.open_connection(self.target.host, self.target.port,
                                                                  limit=1 << 20)
 
-    async def request(self) -> tuple[int, bytes]:
+    async def request(self) -> Answer:
         try:
             async with asyncio.timeout(REQUEST_TIMEOUT):
                 return await self._request()
@@ -75,7 +83,7 @@ class Connection:
             self.close()
             raise
 
-    async def _request(self) -> tuple[int, bytes]:
+    async def _request(self) -> Answer:
         if self.writer is None or self.writer.is_closing():
             await self.open()
         assert self.reader is not None and self.writer is not None
@@ -92,19 +100,26 @@ class Connection:
                 chunked = b"chunked" in value.lower()
             elif name == b"connection":
                 close = b"close" in value.lower()
-        body = await self._chunked() if chunked else await self.reader.readexactly(length)
+        first = None
+        if chunked:
+            body, first = await self._chunked()
+        else:
+            body = await self.reader.readexactly(length)
         if close:
             self.close()
-        return status, body
+        return Answer(status, body, first)
 
-    async def _chunked(self) -> bytes:
+    async def _chunked(self) -> tuple[bytes, float]:
+        """The body, and when its first chunk arrived."""
         assert self.reader is not None
         parts = []
+        first = 0.0
         while True:
             size = int((await self.reader.readuntil(b"\r\n")).split(b";")[0], 16)
+            first = first or time.perf_counter()
             parts.append(await self.reader.readexactly(size + 2))
             if size == 0:
-                return b"".join(p[:-2] for p in parts)
+                return b"".join(p[:-2] for p in parts), first
 
     def close(self) -> None:
         if self.writer is not None:
@@ -115,22 +130,26 @@ class Connection:
 @dataclass
 class Outcome:
     latencies: list[float] = field(default_factory=list)  # seconds
+    firsts: list[float] = field(default_factory=list)  # seconds to the first chunk, for chunked answers
     errors: list[str] = field(default_factory=list)
     bodies: list[bytes] = field(default_factory=list)  # kept only when asked for (job ids of async submits)
     elapsed: float = 0.0
 
-    def record(self, target: Target, status: int, body: bytes, latency: float, keep: bool) -> None:
-        problem = target.check(status, body)
+    def record(self, target: Target, answer: Answer, started: float, ended: float, keep: bool) -> None:
+        problem = target.check(answer.status, answer.body)
         if problem is None:
-            self.latencies.append(latency)
+            self.latencies.append(ended - started)
+            if answer.first_chunk is not None:
+                self.firsts.append(answer.first_chunk - started)
             if keep:
-                self.bodies.append(body)
+                self.bodies.append(answer.body)
         else:
             self.errors.append(problem)
 
     def to_json(self) -> dict[str, Any]:
-        return {"latencies": self.latencies, "errors": len(self.errors), "first_errors": self.errors[:3],
-                "elapsed": self.elapsed, "bodies": [b.decode() for b in self.bodies]}
+        return {"latencies": self.latencies, "firsts": self.firsts, "errors": len(self.errors),
+                "first_errors": self.errors[:3], "elapsed": self.elapsed,
+                "bodies": [b.decode() for b in self.bodies]}
 
 
 async def closed_loop(target: Target, concurrency: int, count: int, keep: bool = False, pause: float = 0.0
@@ -150,12 +169,12 @@ async def closed_loop(target: Target, concurrency: int, count: int, keep: bool =
                     await asyncio.sleep(pause)
                 started = time.perf_counter()
                 try:
-                    status, body = await conn.request()
+                    answer = await conn.request()
                 except (OSError, asyncio.IncompleteReadError, TimeoutError) as exc:
                     conn.close()
                     outcome.errors.append(repr(exc))
                     continue
-                outcome.record(target, status, body, time.perf_counter() - started, keep)
+                outcome.record(target, answer, started, time.perf_counter(), keep)
         finally:
             conn.close()
 
@@ -172,25 +191,24 @@ async def open_loop(target: Target, rate: float, duration: float, connections: i
     idle = [Connection(target) for _ in range(connections)]
     for conn in idle:
         await conn.open()
-    loop = asyncio.get_running_loop()
-    start = loop.time() + 0.05
+    start = time.perf_counter() + 0.05
     total = int(rate * duration)
 
     async def one(i: int) -> None:
         scheduled = start + i / rate
-        await asyncio.sleep(scheduled - loop.time())
+        await asyncio.sleep(scheduled - time.perf_counter())
         conn = idle.pop() if idle else Connection(target)
         try:
-            status, body = await conn.request()
+            answer = await conn.request()
         except (OSError, asyncio.IncompleteReadError, TimeoutError) as exc:
             conn.close()
             outcome.errors.append(repr(exc))
             return
-        outcome.record(target, status, body, loop.time() - scheduled, False)
+        outcome.record(target, answer, scheduled, time.perf_counter(), False)
         idle.append(conn)
 
     await asyncio.gather(*(one(i) for i in range(total)))
-    outcome.elapsed = loop.time() - start
+    outcome.elapsed = time.perf_counter() - start
     for conn in idle:
         conn.close()
     return outcome

@@ -135,8 +135,8 @@ class Bench:
         """Alternating rounds, gateway first, after one warm-up round each. Also the CPU time spent per
         request: by the gateway's processes (`pids`) on one side, by the upstream on the other."""
         count = count or self.sizes.latency_requests
-        gw: dict[str, Any] = {"latencies": [], "elapsed": 0.0, "errors": 0, "cpu": 0.0}
-        base: dict[str, Any] = {"latencies": [], "elapsed": 0.0, "errors": 0, "cpu": 0.0}
+        gw: dict[str, Any] = {"latencies": [], "firsts": [], "elapsed": 0.0, "errors": 0, "cpu": 0.0}
+        base: dict[str, Any] = {"latencies": [], "firsts": [], "elapsed": 0.0, "errors": 0, "cpu": 0.0}
         warm = min(count, 20)
         await self.closed(gateway, concurrency, warm)
         await self.closed(direct, concurrency, warm)
@@ -149,6 +149,7 @@ class Bench:
                 if target is gateway:
                     await self.verify_upstream(before, len(result["latencies"]))
                 side["latencies"] += result["latencies"]
+                side["firsts"] += result["firsts"]
                 side["elapsed"] += result["elapsed"]
                 side["errors"] += result["errors"]
         return gw, base
@@ -180,6 +181,23 @@ async def latency(bench: Bench, gateway: Service, model: str, scenario: str, p50
             Target.adds_at_most(p50, "ms")),
         row(scenario, "p99 latency", "ms", ms(gw["latencies"], 99), ms(base["latencies"], 99),
             Target.adds_at_most(p99, "ms")),
+        cpu_row(scenario, gw, base),
+    )
+
+
+async def streaming(bench: Bench, gateway: Service, model: str, scenario: str, partials: int = 2) -> None:
+    """`stream: true` with partial images: when the first event arrives and when the stream ends (its completed
+    event), against the upstream streaming the same events. The issue sets no target for these rows."""
+    params: dict[str, Any] = {"stream": True, "partial_images": partials}
+    gateway_target = {**bench.gateway_target(gateway, model, **params), "ends": "image_generation.completed"}
+    direct = {**bench.direct_target(**params), "ends": "image_generation.completed"}
+    gw, base = await bench.latency_pair(gateway_target, direct, bench.gateway_pids(gateway))
+    if len(gw["firsts"]) != len(gw["latencies"]) or len(base["firsts"]) != len(base["latencies"]):
+        raise RuntimeError("a streamed answer came without chunked framing")
+    bench.add(
+        row(scenario, "p50 first event", "ms", ms(gw["firsts"], 50), ms(base["firsts"], 50), None),
+        row(scenario, "p50 stream end", "ms", ms(gw["latencies"], 50), ms(base["latencies"], 50), None),
+        row(scenario, "p99 stream end", "ms", ms(gw["latencies"], 99), ms(base["latencies"], 99), None),
         cpu_row(scenario, gw, base),
     )
 

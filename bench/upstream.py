@@ -1,7 +1,9 @@
 """A fake OpenAI images upstream that answers at once with a fixed body: the far end of every direct baseline.
 
-It speaks OpenAI's `POST /v1/images/generations` (JSON in, `{"created", "data": [{"b64_json"}], ...}` out),
-so the gateway reaches it through its real OpenAI adapter. Three mounts of the same endpoint:
+It speaks OpenAI's `POST /v1/images/generations` (JSON in, `{"created", "data": [{"b64_json"}], ...}` out, or
+with `"stream": true` server-sent events: `partial_images` `image_generation.partial_image` events, then
+`image_generation.completed`, per image), so the gateway reaches it through its real OpenAI adapter. Three
+mounts of the same endpoint:
 
 - `/v1/...`        answers at once with a small PNG per image (a 2048x2048 one when asked for that size);
 - `/slow/v1/...`   waits `SLOW_SECONDS` first, the stand-in for a real generation;
@@ -48,28 +50,49 @@ def large_png() -> bytes:
     return out.getvalue()
 
 
+CREATED = 1_700_000_000
+USAGE = {"input_tokens": 10, "output_tokens": 100, "total_tokens": 110,
+         "input_tokens_details": {"text_tokens": 10, "image_tokens": 0}}
+
+
+def _b64(size: str) -> str:
+    return base64.b64encode(large_png() if size == LARGE_SIZE else small_png()).decode()
+
+
 @cache
 def answer(n: int, size: str) -> bytes:
     """The response body for `n` images of `size`, encoded once: the upstream itself costs next to nothing."""
-    png = large_png() if size == LARGE_SIZE else small_png()
-    b64 = base64.b64encode(png).decode()
     return json.dumps({
-        "created": 1_700_000_000,
-        "data": [{"b64_json": b64} for _ in range(n)],
+        "created": CREATED,
+        "data": [{"b64_json": _b64(size)} for _ in range(n)],
         "background": "opaque",
         "output_format": "png",
         "size": size,
         "quality": "high",
-        "usage": {"input_tokens": 10, "output_tokens": 100, "total_tokens": 110,
-                  "input_tokens_details": {"text_tokens": 10, "image_tokens": 0}},
+        "usage": USAGE,
     }).encode()
+
+
+@cache
+def stream_events(n: int, size: str, partials: int) -> tuple[bytes, ...]:
+    """The events of a streamed answer, encoded once: per image, `partials` partial images (the same picture)
+    then its completed event."""
+    common = {"b64_json": _b64(size), "created_at": CREATED, "size": size, "quality": "high",
+              "background": "opaque", "output_format": "png"}
+    events = []
+    for _ in range(n):
+        for index in range(partials):
+            events.append(("image_generation.partial_image", {**common, "partial_image_index": index}))
+        events.append(("image_generation.completed", {**common, "usage": USAGE}))
+    return tuple(f"event: {name}\ndata: {json.dumps({'type': name, **data})}\n\n".encode()
+                 for name, data in events)
 
 
 CALLS = web.AppKey("calls", dict[str, int])
 
 
-def generations(mount: str, delay: float) -> Callable[[web.Request], Awaitable[web.Response]]:
-    async def handler(request: web.Request) -> web.Response:
+def generations(mount: str, delay: float) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    async def handler(request: web.Request) -> web.StreamResponse:
         body = await request.json()
         if not isinstance(body, dict) or not body.get("prompt") or not body.get("model"):
             error = {"message": "prompt and model are required", "type": "invalid_request_error",
@@ -79,10 +102,22 @@ def generations(mount: str, delay: float) -> Callable[[web.Request], Awaitable[w
             await asyncio.sleep(delay)
         calls = request.app[CALLS]
         calls[mount] = calls.get(mount, 0) + 1
-        return web.Response(body=answer(int(body.get("n") or 1), str(body.get("size") or "1024x1024")),
-                            content_type="application/json")
+        n, size = int(body.get("n") or 1), str(body.get("size") or "1024x1024")
+        if body.get("stream") is True:
+            return await stream(request, stream_events(n, size, int(body.get("partial_images") or 0)))
+        return web.Response(body=answer(n, size), content_type="application/json")
 
     return handler
+
+
+async def stream(request: web.Request, events: tuple[bytes, ...]) -> web.StreamResponse:
+    """Each event written as it would be produced: one chunk each."""
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+    await response.prepare(request)
+    for event in events:
+        await response.write(event)
+    await response.write_eof()
+    return response
 
 
 async def stats(request: web.Request) -> web.Response:

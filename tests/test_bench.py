@@ -50,6 +50,27 @@ async def test_latency_scenario_produces_complete_rows(tmp_path: Path) -> None:
     assert document["rows"][0] == asdict(bench.rows[0])
 
 
+async def test_streaming_scenario_times_the_first_event_and_the_end(tmp_path: Path) -> None:
+    stack = Stack(tmp_path)
+    try:
+        await stack.start_upstream()
+        sizes = replace(Sizes.for_mode(quick=True), rounds=1, latency_requests=5)
+        bench = Bench(stack, await stack.start_load(), sizes)
+        gateway = await stack.start_gateway("embedded", redis=False)
+        await scenarios.streaming(bench, gateway, "bench-inline", "smoke, stream")
+        calls = await bench.upstream_calls()
+    finally:
+        await stack.close()
+
+    assert calls["fast"] == 10 + 10  # warm-up and measured, each side: every streamed answer was a real call
+    first, end, tail, cpu = bench.rows
+    assert [r.metric for r in bench.rows] == ["p50 first event", "p50 stream end", "p99 stream end",
+                                              "CPU per request"]
+    assert 0 < first.value <= end.value <= tail.value and 0 < first.baseline <= end.baseline <= tail.baseline
+    assert all(r.target is None and r.met is None for r in bench.rows)
+    assert not bench.notes
+
+
 async def test_comfyui_progress_scenario_produces_complete_rows(tmp_path: Path) -> None:
     """Over a Unix socket to Redis (`--redis unix`): the gateway, its worker and the bench's own clients."""
     stack = Stack(tmp_path)
