@@ -157,6 +157,8 @@ async def _relay(stream: EventStream, record: JobRecord, events: asyncio.Queue[J
         if event == EVENT_PARTIAL_IMAGE:
             await stream.send(f"{event_prefix(record)}.partial_image", partial_event(record, data))
         elif event in TERMINAL_EVENTS:
+            if "record" in data:  # a success carries its record (`ProgressPublisher.finished_message`)
+                return JobRecord.model_validate(data["record"])
             return await _current(store, record.id)
     return None
 
