@@ -21,7 +21,7 @@ from bench.scenarios import QUEUE, Bench, Sizes
 from bench.servers import Stack
 from service.settings import Settings
 
-GROUPS = ("embedded", "latency", "stream", "queue", "rate", "throughput", "large", "slow", "progress")
+GROUPS = ("embedded", "latency", "stream", "edit", "queue", "rate", "throughput", "large", "slow", "progress")
 RESULTS = Path(__file__).resolve().parent / "results.json"
 STEAL_WARNING = 0.02
 # a RAM filesystem for the run's files, the gateways' stored images among them: on a disk, what creating a file
@@ -45,7 +45,7 @@ async def run(bench: Bench, groups: set[str]) -> None:
         await scenarios.latency(bench, gateway, "bench-queued", "sync generate, queued, embedded, c=1", 2, 5)
         await stack.stop(gateway)
 
-    redis_groups = groups & {"latency", "stream", "queue", "rate", "throughput", "large", "slow"}
+    redis_groups = groups & {"latency", "stream", "edit", "queue", "rate", "throughput", "large", "slow"}
     if redis_groups:
         print("Redis mode", flush=True)
         redis = Redis.from_url(stack.redis_url)
@@ -62,6 +62,10 @@ async def run(bench: Bench, groups: set[str]) -> None:
             await scenarios.streaming(bench, front, "bench-inline", "stream, 2 partial images, inline, Redis, c=1")
             await scenarios.streaming(bench, front, "bench-queued",
                                       "stream, 2 partial images, queued, Redis, 1 worker, c=1")
+        if "edit" in groups:
+            await scenarios.edit(bench, front, "bench-inline", "edit, one input image, inline, Redis, c=1")
+            queued = "edit, one input image, queued, Redis, 1 worker, c=1"
+            await scenarios.edit(bench, front, "bench-queued", queued)
         if "queue" in groups:
             await scenarios.pickup(bench, front, redis)
         if "rate" in groups:

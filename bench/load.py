@@ -12,6 +12,7 @@ Commands (`op`): `closed` (fixed concurrency), `open` (fixed rate, latency from 
 from __future__ import annotations
 
 import asyncio
+import base64
 import gc
 import json
 import sys
@@ -23,6 +24,7 @@ from urllib.parse import urlsplit
 from bench.subscribers import SubscriberPool
 
 REQUEST_TIMEOUT = 120.0  # a request taking longer is an error, not a hang
+BOUNDARY = "imagegw-bench-form"
 
 
 @dataclass(frozen=True)
@@ -41,8 +43,8 @@ class Target:
     def from_command(cls, spec: dict[str, Any]) -> Target:
         url = urlsplit(spec["url"])
         assert url.hostname and url.port
-        body = json.dumps(spec["body"]).encode()
-        headers = {"Host": f"{url.hostname}:{url.port}", "Content-Type": "application/json",
+        body, content_type = encode_body(spec["body"], spec.get("files"))
+        headers = {"Host": f"{url.hostname}:{url.port}", "Content-Type": content_type,
                    "Content-Length": str(len(body)), **spec.get("headers", {})}
         head = f"POST {url.path} HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n"
         return cls(url.hostname, url.port, head.encode() + body, spec.get("status", 200),
@@ -54,6 +56,19 @@ class Target:
         if self.contains not in body[:1024] or self.ends not in body[-1024:] or len(body) < self.min_length:
             return f"unexpected body ({len(body)} bytes): {body[:200]!r} ... {body[-200:]!r}"
         return None
+
+
+def encode_body(fields: dict[str, Any], files: dict[str, str] | None) -> tuple[bytes, str]:
+    """JSON; or with `files` (name: base64 of a PNG) a multipart form of the fields and files, as the SDK
+    sends an edit."""
+    if files is None:
+        return json.dumps(fields).encode(), "application/json"
+    parts = [f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode()
+             for name, value in fields.items()]
+    parts += [f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="{name}"; filename="{name}.png"\r\n'
+              f"Content-Type: image/png\r\n\r\n".encode() + base64.b64decode(data) + b"\r\n"
+              for name, data in files.items()]
+    return b"".join([*parts, f"--{BOUNDARY}--\r\n".encode()]), f"multipart/form-data; boundary={BOUNDARY}"
 
 
 @dataclass

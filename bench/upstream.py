@@ -7,6 +7,7 @@ mounts of the same endpoint:
 
 - `/v1/...`        answers at once with a small PNG per image (a 2048x2048 one when asked for that size);
 - `/slow/v1/...`   waits `SLOW_SECONDS` first, the stand-in for a real generation;
+- `POST /v1/images/edits`  the multipart edit (fields, an `image` or `image[]` file): the same answer;
 - `GET /stats`     how many generations each mount served, so the bench can prove every gateway request
                    reached the upstream (no cached answer is ever measured).
 
@@ -120,6 +121,19 @@ async def stream(request: web.Request, events: tuple[bytes, ...]) -> web.StreamR
     return response
 
 
+async def edits(request: web.Request) -> web.Response:
+    form = await request.post()
+    image = form.get("image") or form.get("image[]")
+    if not form.get("prompt") or not form.get("model") or not isinstance(image, web.FileField):
+        error = {"message": "prompt, model and an image file are required", "type": "invalid_request_error",
+                 "param": None, "code": None}
+        return web.json_response({"error": error}, status=400)
+    calls = request.app[CALLS]
+    calls["edit"] = calls.get("edit", 0) + 1
+    return web.Response(body=answer(int(str(form.get("n") or 1)), str(form.get("size") or "1024x1024")),
+                        content_type="application/json")
+
+
 async def stats(request: web.Request) -> web.Response:
     return web.json_response(request.app[CALLS])
 
@@ -129,6 +143,7 @@ def create_upstream() -> web.Application:
     app[CALLS] = {}
     app.router.add_post("/v1/images/generations", generations("fast", 0.0))
     app.router.add_post("/slow/v1/images/generations", generations("slow", SLOW_SECONDS))
+    app.router.add_post("/v1/images/edits", edits)
     app.router.add_get("/stats", stats)
     return app
 

@@ -71,6 +71,24 @@ async def test_streaming_scenario_times_the_first_event_and_the_end(tmp_path: Pa
     assert not bench.notes
 
 
+async def test_edit_scenario_sends_multipart_both_ways(tmp_path: Path) -> None:
+    stack = Stack(tmp_path)
+    try:
+        await stack.start_upstream()
+        bench = Bench(stack, await stack.start_load(),
+                      replace(Sizes.for_mode(quick=True), rounds=1, latency_requests=5))
+        gateway = await stack.start_gateway("embedded", redis=False)
+        await scenarios.edit(bench, gateway, "bench-inline", "smoke, edit")
+        calls = await bench.upstream_calls()
+    finally:
+        await stack.close()
+
+    assert calls == {"edit": 10 + 10}  # every edit, the gateway's and the direct ones, reached the upstream
+    assert [r.metric for r in bench.rows] == ["p50 latency", "p99 latency", "CPU per request"]
+    assert all(r.value > 0 and r.target is None for r in bench.rows[:2])
+    assert not bench.notes
+
+
 async def test_comfyui_progress_scenario_produces_complete_rows(tmp_path: Path) -> None:
     """Over a Unix socket to Redis (`--redis unix`): the gateway, its worker and the bench's own clients."""
     stack = Stack(tmp_path)
