@@ -24,7 +24,7 @@ from redis.asyncio import Redis
 
 from bench.report import Row, Target, percentile, row
 from bench.servers import COMFYUI_MODEL, GATEWAY_KEY, UPSTREAM_MODEL, LoadProcess, Service, Stack
-from bench.upstream import small_png
+from bench.upstream import noise_png
 from service.constants import (
     EVENT_PROGRESS,
     JOB_KEY,
@@ -188,9 +188,10 @@ async def latency(bench: Bench, gateway: Service, model: str, scenario: str, p50
 
 
 async def edit(bench: Bench, gateway: Service, model: str, scenario: str) -> None:
-    """An edit of one small PNG, multipart as the SDK sends it: the gateway checks and stores the input, reads
-    it back in the job and sends it on in its own multipart request. The issue sets no target for it."""
-    files = {"image": base64.b64encode(small_png()).decode()}
+    """An edit of a 1024x1024 PNG (1.4 MB, as a client would upload a picture), multipart as the SDK sends it:
+    the gateway checks that every pixel of the input decodes, stores it, reads it back in the job and sends it
+    on in its own multipart request. The issue sets no target for it."""
+    files = {"image": base64.b64encode(noise_png(1024)).decode()}
     gateway_target = {**bench.gateway_target(gateway, model), "url": gateway.url + "/v1/images/edits",
                       "files": files}
     direct = {**bench.direct_target(), "url": bench.stack.upstream_url + "/v1/images/edits", "files": files}

@@ -42,13 +42,17 @@ def small_png() -> bytes:
 
 
 @cache
-def large_png() -> bytes:
-    """A 2048x2048 PNG of smooth noise, about 4 MB: about what a detailed render of that size weighs."""
-    rng = random.Random(2048)
+def noise_png(side: int) -> bytes:
+    """A side x side PNG of smooth noise: about what a detailed picture of that size weighs (2048: ~4 MB)."""
+    rng = random.Random(side)
     noise = Image.frombytes("RGB", (64, 64), rng.randbytes(64 * 64 * 3))
     out = io.BytesIO()
-    noise.resize((2048, 2048), Image.Resampling.BICUBIC).save(out, "PNG")
+    noise.resize((side, side), Image.Resampling.BICUBIC).save(out, "PNG")
     return out.getvalue()
+
+
+def large_png() -> bytes:
+    return noise_png(2048)
 
 
 CREATED = 1_700_000_000
