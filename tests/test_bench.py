@@ -4,29 +4,37 @@ Timing targets are not asserted here (CI machines vary); only that every row com
 """
 
 import json
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, replace
 from pathlib import Path
 
 from bench import scenarios
 from bench.report import cpu_ticks, steal_share, write_results
 from bench.scenarios import Bench, Sizes
-from bench.servers import Stack
+from bench.servers import Service, Stack
 
 ROW_FIELDS = ["scenario", "metric", "unit", "value", "baseline", "ratio", "target", "met"]
 
 
-async def test_latency_scenario_produces_complete_rows(tmp_path: Path) -> None:
-    ticks = cpu_ticks()
+async def on_embedded_gateway(tmp_path: Path, requests: int,
+                              scenario: Callable[[Bench, Service], Awaitable[None]]) -> tuple[Bench, dict[str, int]]:
+    """`scenario` run for one round of `requests` against an embedded gateway before the fake upstream; the
+    bench with its rows, and how many calls the upstream served."""
     stack = Stack(tmp_path)
     try:
         await stack.start_upstream()
-        sizes = replace(Sizes.for_mode(quick=True), rounds=1, latency_requests=10)
-        bench = Bench(stack, await stack.start_load(), sizes)
-        gateway = await stack.start_gateway("embedded", redis=False)
-        await scenarios.latency(bench, gateway, "bench-inline", "smoke, inline, embedded", 1, 3)
-        calls = await bench.upstream_calls()
+        bench = Bench(stack, await stack.start_load(),
+                      replace(Sizes.for_mode(quick=True), rounds=1, latency_requests=requests))
+        await scenario(bench, await stack.start_gateway("embedded", redis=False))
+        return bench, await bench.upstream_calls()
     finally:
         await stack.close()
+
+
+async def test_latency_scenario_produces_complete_rows(tmp_path: Path) -> None:
+    ticks = cpu_ticks()
+    bench, calls = await on_embedded_gateway(tmp_path, 10, lambda bench, gateway: scenarios.latency(
+        bench, gateway, "bench-inline", "smoke, inline, embedded", 1, 3))
 
     # 10 warm-up + 10 measured requests through the gateway, each one reached the upstream
     assert calls["fast"] == 20 + 20  # and as many sent straight to it
@@ -51,16 +59,8 @@ async def test_latency_scenario_produces_complete_rows(tmp_path: Path) -> None:
 
 
 async def test_streaming_scenario_times_the_first_event_and_the_end(tmp_path: Path) -> None:
-    stack = Stack(tmp_path)
-    try:
-        await stack.start_upstream()
-        sizes = replace(Sizes.for_mode(quick=True), rounds=1, latency_requests=5)
-        bench = Bench(stack, await stack.start_load(), sizes)
-        gateway = await stack.start_gateway("embedded", redis=False)
-        await scenarios.streaming(bench, gateway, "bench-inline", "smoke, stream")
-        calls = await bench.upstream_calls()
-    finally:
-        await stack.close()
+    bench, calls = await on_embedded_gateway(tmp_path, 5, lambda bench, gateway: scenarios.streaming(
+        bench, gateway, "bench-inline", "smoke, stream"))
 
     assert calls["fast"] == 10 + 10  # warm-up and measured, each side: every streamed answer was a real call
     first, end, tail, cpu = bench.rows
@@ -72,16 +72,8 @@ async def test_streaming_scenario_times_the_first_event_and_the_end(tmp_path: Pa
 
 
 async def test_edit_scenario_sends_multipart_both_ways(tmp_path: Path) -> None:
-    stack = Stack(tmp_path)
-    try:
-        await stack.start_upstream()
-        bench = Bench(stack, await stack.start_load(),
-                      replace(Sizes.for_mode(quick=True), rounds=1, latency_requests=5))
-        gateway = await stack.start_gateway("embedded", redis=False)
-        await scenarios.edit(bench, gateway, "bench-inline", "smoke, edit")
-        calls = await bench.upstream_calls()
-    finally:
-        await stack.close()
+    bench, calls = await on_embedded_gateway(tmp_path, 5, lambda bench, gateway: scenarios.edit(
+        bench, gateway, "bench-inline", "smoke, edit"))
 
     assert calls == {"edit": 10 + 10}  # every edit, the gateway's and the direct ones, reached the upstream
     assert [r.metric for r in bench.rows] == ["p50 latency", "p99 latency", "CPU per request"]
