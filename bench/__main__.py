@@ -27,10 +27,13 @@ STEAL_WARNING = 0.02
 # a RAM filesystem for the run's files, the gateways' stored images among them: on a disk, what creating a file
 # costs can depend on what was deleted before (bench/README, "Where the files go")
 RAM_FILES = Path("/dev/shm")
+RAM_FILES_NEEDED = 4 << 30  # a full run stores about 2.5 GB (the large answers' and the edits' images)
 
 
 def default_files() -> Path:
-    return RAM_FILES if RAM_FILES.is_dir() and os.access(RAM_FILES, os.W_OK) else Path(tempfile.gettempdir())
+    if RAM_FILES.is_dir() and os.access(RAM_FILES, os.W_OK) and shutil.disk_usage(RAM_FILES).free >= RAM_FILES_NEEDED:
+        return RAM_FILES
+    return Path(tempfile.gettempdir())
 
 
 async def run(bench: Bench, groups: set[str]) -> None:

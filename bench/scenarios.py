@@ -46,6 +46,7 @@ class Sizes:
 
     rounds: int
     latency_requests: int
+    edit_requests: int  # each stores a 1.4 MB input: fewer than the small requests
     rate_seconds: float
     throughput_requests: int
     drain_jobs: int
@@ -59,10 +60,10 @@ class Sizes:
     @classmethod
     def for_mode(cls, quick: bool) -> Sizes:
         if quick:
-            return cls(rounds=3, latency_requests=100, rate_seconds=2, throughput_requests=600,
+            return cls(rounds=3, latency_requests=100, edit_requests=30, rate_seconds=2, throughput_requests=600,
                        drain_jobs=2000, pickup_jobs=100, slow_jobs=200, progress_jobs=20, subscribers=200,
                        fanout_events=500, large_rounds=1)
-        return cls(rounds=5, latency_requests=400, rate_seconds=10, throughput_requests=6000,
+        return cls(rounds=5, latency_requests=400, edit_requests=100, rate_seconds=10, throughput_requests=6000,
                    drain_jobs=10_000, pickup_jobs=300, slow_jobs=2000, progress_jobs=100, subscribers=1000,
                    fanout_events=3000, large_rounds=3)
 
@@ -195,7 +196,8 @@ async def edit(bench: Bench, gateway: Service, model: str, scenario: str) -> Non
     gateway_target = {**bench.gateway_target(gateway, model), "url": gateway.url + "/v1/images/edits",
                       "files": files}
     direct = {**bench.direct_target(), "url": bench.stack.upstream_url + "/v1/images/edits", "files": files}
-    gw, base = await bench.latency_pair(gateway_target, direct, bench.gateway_pids(gateway), mount="edit")
+    gw, base = await bench.latency_pair(gateway_target, direct, bench.gateway_pids(gateway),
+                                        count=bench.sizes.edit_requests, mount="edit")
     bench.add(
         row(scenario, "p50 latency", "ms", ms(gw["latencies"], 50), ms(base["latencies"], 50), None),
         row(scenario, "p99 latency", "ms", ms(gw["latencies"], 99), ms(base["latencies"], 99), None),

@@ -24,7 +24,8 @@ async def on_embedded_gateway(tmp_path: Path, requests: int,
     try:
         await stack.start_upstream()
         bench = Bench(stack, await stack.start_load(),
-                      replace(Sizes.for_mode(quick=True), rounds=1, latency_requests=requests))
+                      replace(Sizes.for_mode(quick=True), rounds=1, latency_requests=requests,
+                              edit_requests=requests))
         await scenario(bench, await stack.start_gateway("embedded", redis=False))
         return bench, await bench.upstream_calls()
     finally:
