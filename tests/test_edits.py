@@ -55,6 +55,14 @@ async def test_sdk_edit_without_mask_paints_over_the_whole_image(gateway: Gatewa
     assert changed > 0.9 * 96 * 64
 
 
+async def test_sdk_edit_takes_a_flat_picture(gateway: Gateway) -> None:
+    """A large single-colour upload compresses a thousandfold: it is whole, not corrupt."""
+    flat = Image.new("RGB", (1024, 1024), "teal")
+    result = await gateway.client().images.edit(image=("flat.png", encode(flat), "image/png"), prompt="a moon",
+                                                size="1024x1024")
+    assert decode(result.data[0].b64_json).size == (1024, 1024)
+
+
 async def test_sdk_edit_with_several_images_uses_them_all(gateway: Gateway) -> None:
     client = gateway.client()
     first, second = png((64, 64), seed=1), encode(photo((32, 32), seed=99), "JPEG")
