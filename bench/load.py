@@ -3,7 +3,8 @@
 It holds what a load test needs between commands (open Socket.IO and WebSocket subscribers) and does the
 timing itself, so the process running the gateway never measures its own work. HTTP goes through a
 minimal keep-alive HTTP/1.1 client on asyncio streams: much cheaper per request than a full client, so on a
-small machine the generator takes as little CPU as possible from the servers it measures.
+small machine the generator takes as little CPU as possible from the servers it measures. Bodies are JSON, or
+multipart forms for edits; a chunked answer (an event stream) is also timed to its first chunk.
 
 Commands (`op`): `closed` (fixed concurrency), `open` (fixed rate, latency from the scheduled send time),
 `subscribe` / `publish` / `journal` / `unsubscribe` (progress subscribers), `quit`.
