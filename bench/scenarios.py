@@ -176,16 +176,17 @@ def ms(values: Sequence[float], q: float) -> float:
     return percentile(values, q) * 1000
 
 
+def latency_rows(scenario: str, gw: dict[str, Any], base: dict[str, Any], p50: Target | None = None,
+                 p99: Target | None = None) -> tuple[Row, Row, Row]:
+    return (row(scenario, "p50 latency", "ms", ms(gw["latencies"], 50), ms(base["latencies"], 50), p50),
+            row(scenario, "p99 latency", "ms", ms(gw["latencies"], 99), ms(base["latencies"], 99), p99),
+            cpu_row(scenario, gw, base))
+
+
 async def latency(bench: Bench, gateway: Service, model: str, scenario: str, p50: float, p99: float) -> None:
     gw, base = await bench.latency_pair(bench.gateway_target(gateway, model), bench.direct_target(),
                                         bench.gateway_pids(gateway))
-    bench.add(
-        row(scenario, "p50 latency", "ms", ms(gw["latencies"], 50), ms(base["latencies"], 50),
-            Target.adds_at_most(p50, "ms")),
-        row(scenario, "p99 latency", "ms", ms(gw["latencies"], 99), ms(base["latencies"], 99),
-            Target.adds_at_most(p99, "ms")),
-        cpu_row(scenario, gw, base),
-    )
+    bench.add(*latency_rows(scenario, gw, base, Target.adds_at_most(p50, "ms"), Target.adds_at_most(p99, "ms")))
 
 
 async def edit(bench: Bench, gateway: Service, model: str, scenario: str) -> None:
@@ -198,11 +199,7 @@ async def edit(bench: Bench, gateway: Service, model: str, scenario: str) -> Non
     direct = {**bench.direct_target(), "url": bench.stack.upstream_url + "/v1/images/edits", "files": files}
     gw, base = await bench.latency_pair(gateway_target, direct, bench.gateway_pids(gateway),
                                         count=bench.sizes.edit_requests, mount="edit")
-    bench.add(
-        row(scenario, "p50 latency", "ms", ms(gw["latencies"], 50), ms(base["latencies"], 50), None),
-        row(scenario, "p99 latency", "ms", ms(gw["latencies"], 99), ms(base["latencies"], 99), None),
-        cpu_row(scenario, gw, base),
-    )
+    bench.add(*latency_rows(scenario, gw, base))
 
 
 async def streaming(bench: Bench, gateway: Service, model: str, scenario: str, partials: int = 2) -> None:

@@ -156,6 +156,12 @@ class ProgressPublisher:
         await self._emit(self.finished_message(record))
 
 
+def carried_record(data: dict[str, Any]) -> JobRecord | None:
+    """The record a success's terminal event carries (`ProgressPublisher.finished_message`); None for a
+    failure, whose record is to be re-read."""
+    return JobRecord.model_validate(data["record"]) if "record" in data else None
+
+
 @dataclass
 class _Subscriber:
     eio_sid: str  # its Engine.IO connection, where its events are written
@@ -266,7 +272,7 @@ class ProgressHub:
             waiting = [future for future in self.waiters.get(job_id, ()) if not future.done()]
             if not waiting and job_id not in self.subscribers:
                 return
-            ended = JobRecord.model_validate(data["record"]) if "record" in data else None
+            ended = carried_record(data)
             for future in waiting:
                 future.set_result(ended)
             if job_id in self.subscribers:

@@ -23,7 +23,7 @@ from service.constants import EVENT_PARTIAL_IMAGE, TERMINAL_EVENTS
 from service.errors import GatewayError, InternalError
 from service.jobs import JobRecord, JobStore
 from service.openapi import Media
-from service.progress import JobEvent
+from service.progress import JobEvent, carried_record
 from service.results import job_error
 from service.storage import Storage
 
@@ -157,9 +157,7 @@ async def _relay(stream: EventStream, record: JobRecord, events: asyncio.Queue[J
         if event == EVENT_PARTIAL_IMAGE:
             await stream.send(f"{event_prefix(record)}.partial_image", partial_event(record, data))
         elif event in TERMINAL_EVENTS:
-            if "record" in data:  # a success carries its record (`ProgressPublisher.finished_message`)
-                return JobRecord.model_validate(data["record"])
-            return await _current(store, record.id)
+            return carried_record(data) or await _current(store, record.id)
     return None
 
 

@@ -162,12 +162,8 @@ async def store_images(res: WorkerResources, record: JobRecord, routed: RoutedRe
         images.append(StoredImage(name=image_name(record.id, index, spec.output_format),
                                   revised_prompt=image.revised_prompt))
         held.append(data)
-    puts = [res.storage.put(image.name, data) for image, data in zip(images, held, strict=True)]
-    if len(puts) == 1:
-        await puts[0]  # gather would wrap it in a task: a turn of the event loop more, for nothing
-    else:
-        # side by side: large files are written from threads, and an object store takes parallel uploads
-        await asyncio.gather(*puts)
+    # side by side: large files are written from threads, and an object store takes parallel uploads
+    await asyncio.gather(*(res.storage.put(image.name, data) for image, data in zip(images, held, strict=True)))
     return HeldResult(
         created=int(time.time()),
         images=images,
