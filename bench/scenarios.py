@@ -450,11 +450,13 @@ async def progress_fanout(bench: Bench, gateway: Service, plain: Service) -> Non
 class PublishedEvents:
     """What the workers published, read where the front ends read it: the Socket.IO Redis channel. Counts each
     job's progress events up to its terminal event: what each of its subscribers is owed (nothing follows a
-    terminal event; progress published after it is counted apart)."""
+    terminal event; progress published after it is counted apart), and when each (job, stage) was first read
+    here: where an event's time went, the worker's side (to Redis) or the front end's (from Redis on)."""
 
     def __init__(self, redis_url: str) -> None:
         self.redis = Redis.from_url(redis_url)
         self.progress: Counter[str] = Counter()
+        self.read_at: dict[tuple[str, str], float] = {}
         self.ended: set[str] = set()
         self.after_end = 0
         self._seen = asyncio.Event()
@@ -487,6 +489,7 @@ class PublishedEvents:
                     self.after_end += 1
                 elif event["event"] == EVENT_PROGRESS:
                     self.progress[job_id] += 1
+                    self.read_at.setdefault((job_id, event["data"][0]["stage"]), time.monotonic())
                 elif event["event"] in TERMINAL_EVENTS:
                     self.ended.add(job_id)
                     self._seen.set()
@@ -551,10 +554,16 @@ async def comfyui_progress(bench: Bench, gateway: Service, plain: Service, farm:
         sent = {prompt["prompt"]: prompt["steps"] for prompt in await resp.json()}
 
     latencies: dict[bool, list[float]] = {True: [], False: []}  # by "the job's last step"
+    # each latency split where the bench read the Redis channel: (frame to Redis, Redis to subscriber)
+    sides: dict[bool, tuple[list[float], list[float]]] = {True: ([], []), False: ([], [])}
     stepped = set()
     for job_id, stage, received in journal["events"]:
         if step := STEP.fullmatch(stage):
-            latencies[step[1] == step[2]].append(received - sent[jobs[job_id]][step[1]])
+            last, at = step[1] == step[2], sent[jobs[job_id]][step[1]]
+            latencies[last].append(received - at)
+            if (read := published.read_at.get((job_id, stage))) is not None:
+                sides[last][0].append(read - at)
+                sides[last][1].append(received - read)
             stepped.add((job_id, step[1]))
     steps = sum(len(job_steps) for job_steps in sent.values())
     if len(stepped) < steps:
@@ -566,6 +575,10 @@ async def comfyui_progress(bench: Bench, gateway: Service, plain: Service, farm:
     if latencies[True] and latencies[False]:
         bench.notes.append(f"ComfyUI progress: p99 {ms(latencies[True], 99):.3g} ms for the jobs' last steps (all "
                            f"jobs end within one step delay), {ms(latencies[False], 99):.3g} ms for the others")
+    if split := ", ".join(f"{name}: {ms(sides[last][0], 99):.3g} ms to Redis (the worker), "
+                          f"{ms(sides[last][1], 99):.3g} ms from Redis on (the front end)"
+                          for name, last in (("last steps", True), ("other steps", False)) if sides[last][0]):
+        bench.notes.append(f"ComfyUI progress, p99 of each side (read off the Redis channel by the bench): {split}")
     # each subscriber is owed every progress event its job published, then the job's terminal event
     owed = sum((published.progress[job_id] + (job_id in published.ended)) * count
                for job_id, count in subscribed["per_job"].items())

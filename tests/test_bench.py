@@ -4,6 +4,7 @@ Timing targets are not asserted here (CI machines vary); only that every row com
 """
 
 import json
+import re
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -105,3 +106,7 @@ async def test_comfyui_progress_scenario_produces_complete_rows(tmp_path: Path) 
     assert lost.value == lost.baseline == 0 and lost.met is True
     # 0.05 s steps: the progress interval coalesces some of them, and says so
     assert any("had no event of their own" in note for note in bench.notes)
+    # each event's time split at the bench's read of Redis: both sides on the farm's clock, so neither negative
+    (split,) = [note for note in bench.notes if "p99 of each side" in note]
+    sides = [float(value) for value in re.findall(r"(\S+) ms (?:to|from) Redis", split)]
+    assert len(sides) in (2, 4) and all(value >= 0 for value in sides), split
