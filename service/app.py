@@ -89,6 +89,7 @@ async def progress_ctx(app: web.Application) -> AsyncIterator[None]:
     app[SIO] = sio
     app[DISPATCHER] = Dispatcher(app[SETTINGS], app[CONFIG], app[STORE], hub, ProgressPublisher(manager))
     yield
+    await hub.close()
     await manager.close()
 
 

@@ -178,6 +178,7 @@ class ProgressHub:
         self.subscribers: dict[str, dict[str, _Subscriber]] = {}
         self.waiters: dict[str, set[asyncio.Future[JobRecord | None]]] = {}
         self.listeners: dict[str, set[asyncio.Queue[JobEvent]]] = {}
+        self._endings: set[asyncio.Task[None]] = set()  # terminal events being rendered and sent
 
     # streaming requests: every event of the job, in order, through their own queue
     def listen(self, job_id: str) -> asyncio.Queue[JobEvent]:
@@ -260,7 +261,7 @@ class ProgressHub:
     async def snapshot(self, sid: str, record: JobRecord) -> None:
         """A new subscriber's first view: the current state, through the same filter as live events."""
         if record.terminal:
-            await self._terminal(record.id, record, only=sid)
+            await self._terminal(record, self._take_subscribers(record.id, only=sid))
         else:
             await self._progress(record.id, {"job_id": record.id, "progress": record.progress,
                                              "status": record.status, "stage": record.stage}, only=sid)
@@ -275,8 +276,12 @@ class ProgressHub:
             ended = carried_record(data)
             for future in waiting:
                 future.set_result(ended)
-            if job_id in self.subscribers:
-                await self._terminal(job_id, ended)
+            if targets := self._take_subscribers(job_id):
+                # rendering may read the images back (from a thread, or an object store): meanwhile the events
+                # of every other job go on, rather than wait behind this one in the listener
+                task = asyncio.create_task(self._terminal(ended if ended is not None else job_id, targets))
+                self._endings.add(task)
+                task.add_done_callback(self._ending_done)
         elif event == EVENT_PROGRESS:
             await self._progress(job_id, data)
         else:
@@ -290,19 +295,35 @@ class ProgressHub:
                 targets.append(sub)
         await self._send(EVENT_PROGRESS, data, targets)
 
-    async def _terminal(self, job_id: str, record: JobRecord | None, only: str | None = None) -> None:
+    def _take_subscribers(self, job_id: str, only: str | None = None) -> list[_Subscriber]:
+        """The subscribers a terminal event goes to, unsubscribed at once: nothing follows a terminal event, so
+        dropping the subscription before any await makes it the only one each gets, and lets a later subscribe
+        start afresh."""
         targets = {sid: sub for sid, sub in self.subscribers.get(job_id, {}).items() if only is None or sid == only}
+        for sid in targets:
+            self.remove(sid, job_id)
+        return list(targets.values())
+
+    async def _terminal(self, record: JobRecord | str, targets: list[_Subscriber]) -> None:
+        """The terminal event to `targets`, from `record` (or, given a job id, the record read back)."""
         if not targets:
             return
-        for sid in targets:
-            # nothing follows a terminal event: dropping the subscription before any await makes it the
-            # only one this subscriber gets, and lets a later subscribe start afresh
-            self.remove(sid, job_id)
-        record = record or await self.store.get(job_id)
-        if record is None:
+        ended = record if isinstance(record, JobRecord) else await self.store.get(record)
+        if ended is None:
             return
-        event, payload = await self.terminal_payload(record)
-        await self._send(event, payload, list(targets.values()))
+        event, payload = await self.terminal_payload(ended)
+        await self._send(event, payload, targets)
+
+    def _ending_done(self, task: asyncio.Task[None]) -> None:
+        self._endings.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("a terminal event could not be sent", exc_info=task.exception())
+
+    async def close(self) -> None:
+        """Stop sending the terminal events still being rendered (the server is going away)."""
+        for task in list(self._endings):
+            task.cancel()
+        await asyncio.gather(*self._endings, return_exceptions=True)
 
     async def terminal_payload(self, record: JobRecord) -> tuple[str, dict[str, Any]]:
         if record.status == "succeeded":

@@ -8,13 +8,18 @@ import time
 from typing import Any
 
 import aiohttp
+import pytest
 import socketio
 
 from service.jobs import JobRecord, StoredImage, StoredResult
+from service.lifecycle import Lifecycle
+from service.progress import JobEventManager, ProgressPublisher
 from service.schemas import ImageSpec
 from service.settings import GatewayConfig
-from service.state import DISPATCHER, STORE
+from service.state import DISPATCHER, HUB, REDIS_FACTORY, STORAGE, STORE
+from service.storage import image_name
 from tests.conftest import Gateway, GatewayFactory, local_config
+from tests.pictures import png
 
 ASYNC = {"Prefer": "respond-async"}
 
@@ -196,6 +201,60 @@ async def test_socketio_progress_monotonic_then_completed(gateway_factory: Gatew
         assert record is not None and (record.status, record.progress, record.stage) == ("succeeded", 100, "done")
     finally:
         await sub.client.disconnect()
+
+
+async def test_a_terminal_event_held_up_holds_back_no_other_job(gateway_factory: GatewayFactory,
+                                                                http: aiohttp.ClientSession, redis_url: str,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Redis mode, events from a worker elsewhere: a completed event's images are read back from storage to
+    render it (an object store's round trip, a thread for a large file). Held up there, it must not hold back
+    the events of other jobs behind it in the front end's one Redis listener."""
+    gw = await gateway_factory(config=keyed_config(), redis_url=redis_url)  # no worker: the test is the worker
+    storage, hub = gw.app[STORAGE], gw.app[HUB]
+    reading, gate = asyncio.Event(), asyncio.Event()
+    read = storage.get
+
+    async def held_read(name: str) -> bytes | None:
+        reading.set()
+        await gate.wait()
+        return await read(name)
+
+    monkeypatch.setattr(hub.storage, "get", held_read)
+    manager = JobEventManager(gw.app[REDIS_FACTORY], write_only=True)  # another host: its events come via Redis
+    dispatcher = gw.app[DISPATCHER]
+    worker = Lifecycle(dispatcher.store, dispatcher.lifecycle.limiter, dispatcher.settlement,
+                       ProgressPublisher(manager))
+    sub = Subscriber(gw.url, "sk-alice")
+    await sub.connect()
+    try:
+        ending, going_on = (await submit(http, gw))["id"], (await submit(http, gw))["id"]
+        started = {}
+        for job_id in (ending, going_on):
+            await sub.subscribe(job_id)
+            record = await gw.app[STORE].get(job_id)
+            assert record is not None
+            started[job_id] = await worker.start(job_id, record.owner, 60.0)
+        name = image_name(ending, 0, "png")
+        await storage.put(name, png())
+        ended = started[ending]
+        assert ended is not None
+        assert await worker.succeed(ended, StoredResult(created=int(time.time()), images=[StoredImage(name=name)]))
+        await asyncio.wait_for(reading.wait(), 10)  # the front end is rendering the completed event
+
+        await worker.progress(going_on, 50, "halfway")  # published after it, on the same channel
+        async with asyncio.timeout(10):
+            # the Subscriber keeps a record of events, not a signal per event: polled, for 10 s at most
+            while not any(data.get("progress") == 50 for _, data in sub.events.get(going_on, [])):  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+        assert not sub.finished[ending].is_set()  # still held up
+
+        gate.set()
+        events = await sub.wait(ending)
+        assert events[-1][0] == "completed" and events[-1][1]["result"]["data"][0]["b64_json"]
+    finally:
+        gate.set()
+        await sub.client.disconnect()
+        await manager.close()
 
 
 async def test_socketio_refuses_bad_keys_and_hides_other_jobs(gateway_factory: GatewayFactory,
