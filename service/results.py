@@ -40,12 +40,24 @@ class ImagesAnswer:
     images: list[bytes]
 
 
+async def result_image(record: JobRecord, index: int, storage: Storage) -> bytes:
+    """The bytes of a finished job's image `index`: those its result still holds when the job ran in this
+    process, else read back from storage."""
+    stored = record.result
+    assert stored is not None
+    if isinstance(stored, HeldResult):
+        return stored.data[index]
+    raw = await storage.get(stored.images[index].name)
+    if raw is None:
+        raise InternalError(f"the images of job {record.id} are no longer stored", code="result_expired")
+    return raw
+
+
 async def render_answer(record: JobRecord, storage: Storage) -> ImagesAnswer | None:
     """The finished job's answer in the format the client asked for (b64_json or signed url)."""
     stored = record.result
     if stored is None:
         return None
-    held = stored.data if isinstance(stored, HeldResult) else None
     mark = secrets.token_hex(16)  # random: no revised prompt can hold it
     data, images = [], []
     for index, image in enumerate(stored.images):
@@ -53,10 +65,7 @@ async def render_answer(record: JobRecord, storage: Storage) -> ImagesAnswer | N
             data.append(ImageData(url=await storage.public_url(image.name, record.base_url),
                                   revised_prompt=image.revised_prompt))
             continue
-        raw = held[index] if held is not None else await storage.get(image.name)
-        if raw is None:
-            raise InternalError(f"the images of job {record.id} are no longer stored", code="result_expired")
-        images.append(raw)
+        images.append(await result_image(record, index, storage))
         data.append(ImageData(b64_json=mark, revised_prompt=image.revised_prompt))
     response = ImagesResponse(
         created=stored.created,

@@ -24,7 +24,7 @@ from service.errors import GatewayError, InternalError
 from service.jobs import JobRecord, JobStore
 from service.openapi import Media
 from service.progress import JobEvent, carried_record
-from service.results import job_error
+from service.results import job_error, result_image
 from service.storage import Storage
 
 EVENT_STREAM = Media(("text/event-stream",), {"type": "string", "description": "server-sent events"})
@@ -92,13 +92,10 @@ async def completed_events(record: JobRecord, storage: Storage) -> list[dict[str
     if result is None:
         raise InternalError(f"job {record.id} succeeded without a result")
     events = []
-    for image in result.images:
-        raw = await storage.get(image.name)
-        if raw is None:
-            raise InternalError(f"the images of job {record.id} are no longer stored", code="result_expired")
+    for index in range(len(result.images)):
         events.append({
             "type": f"{event_prefix(record)}.completed",
-            "b64_json": pybase64.b64encode_as_string(raw),
+            "b64_json": pybase64.b64encode_as_string(await result_image(record, index, storage)),
             "created_at": result.created,
             "size": result.size or record.spec.size,
             "quality": result.quality or "auto",
@@ -111,15 +108,17 @@ async def completed_events(record: JobRecord, storage: Storage) -> list[dict[str
 
 
 async def stream_job(request: web.Request, record: JobRecord, events: asyncio.Queue[JobEvent],
-                     store: JobStore, storage: Storage, max_wait: float) -> web.StreamResponse:
-    """Relay the job's events until it ends or `max_wait` seconds pass; `events` was registered before the job
-    was enqueued, so nothing it published is missed."""
+                     ending: asyncio.Future[JobRecord | None], store: JobStore, storage: Storage,
+                     max_wait: float) -> web.StreamResponse:
+    """Relay the job's events until it ends or `max_wait` seconds pass; `events` and `ending` (the hub's
+    `listen` and `expect`) were registered before the job was enqueued, so nothing it published is missed, and
+    a job run in this process hands over the images it still holds."""
     stream = await EventStream.open(request, {"x-imagegw-job-id": record.id})
     deadline = asyncio.get_running_loop().time() + max_wait
     try:
         error: GatewayError
         try:
-            final = await _relay(stream, record, events, store, deadline)
+            final = await _relay(stream, record, events, ending, store, deadline)
             if final is not None and final.status == "succeeded":
                 for event in await completed_events(final, storage):
                     await stream.send(event["type"], event)
@@ -141,8 +140,8 @@ async def stream_job(request: web.Request, record: JobRecord, events: asyncio.Qu
     return stream.response
 
 
-async def _relay(stream: EventStream, record: JobRecord, events: asyncio.Queue[JobEvent], store: JobStore,
-                 deadline: float) -> JobRecord | None:
+async def _relay(stream: EventStream, record: JobRecord, events: asyncio.Queue[JobEvent],
+                 ending: asyncio.Future[JobRecord | None], store: JobStore, deadline: float) -> JobRecord | None:
     """Send partial images as they come; the terminal record, or None when the deadline passed first."""
     loop = asyncio.get_running_loop()
     while (remaining := deadline - loop.time()) > 0:
@@ -157,7 +156,9 @@ async def _relay(stream: EventStream, record: JobRecord, events: asyncio.Queue[J
         if event == EVENT_PARTIAL_IMAGE:
             await stream.send(f"{event_prefix(record)}.partial_image", partial_event(record, data))
         elif event in TERMINAL_EVENTS:
-            return carried_record(data) or await _current(store, record.id)
+            # the hub resolved `ending` first: with the terminal record itself when the job ran here
+            ended = ending.result() if ending.done() else None
+            return ended or carried_record(data) or await _current(store, record.id)
     return None
 
 

@@ -11,6 +11,7 @@ import aiohttp
 import openai
 import pytest
 
+from service.state import STORAGE
 from tests.conftest import Gateway, GatewayFactory, Processes, local_config
 from tests.pictures import decode, encode, mask_png, photo
 from tests.test_redis_mode import start_cluster
@@ -42,6 +43,26 @@ async def test_sdk_streams_partial_images_then_the_image(gateway: Gateway) -> No
     assert final.size == "1024x1536" and final.output_format == "webp" and final.background == "opaque"
     assert decode(final.b64_json).format == "WEBP"
     assert final.usage.total_tokens == 0 and final.created_at > 0
+
+
+async def test_a_stream_answers_from_the_images_its_job_still_holds(gateway: Gateway,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A job run in the answering process hands its images to the stream, as to a synchronous answer: they
+    are stored, but not read back to be sent."""
+    storage = gateway.app[STORAGE]
+    read, reads = storage.get, []
+
+    async def counted_read(name: str) -> bytes | None:
+        reads.append(name)
+        return await read(name)
+
+    monkeypatch.setattr(storage, "get", counted_read)
+    stream = await gateway.client().images.generate(prompt="a lighthouse", model="gpt-image-1", size="1024x1024",
+                                                    stream=True, partial_images=1, n=2)
+    events = [event async for event in stream]
+    assert [e.type for e in events].count("image_generation.completed") == 2
+    assert all(decode(e.b64_json).size == (1024, 1024) for e in events if e.type.endswith("completed"))
+    assert reads == []
 
 
 async def test_sdk_streams_an_edit(gateway: Gateway) -> None:

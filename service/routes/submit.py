@@ -68,13 +68,15 @@ async def answer(request: web.Request, spec: ImageSpec, inputs: EditInputs | Non
     if inputs is not None:
         spec = await store_inputs(storage, job_id, spec, inputs)
     if spec.stream:
-        events = hub.listen(job_id)  # before the job exists: its first partial image may come at once
+        # before the job exists: its first partial image may come at once
+        events, ending = hub.listen(job_id), hub.expect(job_id)
         try:
             record, _ = await _submit(request, spec, job_id, wait=False)
-            return await stream_job(request, record, events, dispatcher.store, storage,
+            return await stream_job(request, record, events, ending, dispatcher.store, storage,
                                     request.app[SETTINGS].sync_timeout)
         finally:
             hub.unlisten(job_id, events)
+            hub.forget(job_id, ending)
     record, done = await _submit(request, spec, job_id, wait=not wants_async(request))
     if done is None:
         current = await dispatcher.store.get(record.id) or record
