@@ -261,7 +261,7 @@ class ProgressHub:
     async def snapshot(self, sid: str, record: JobRecord) -> None:
         """A new subscriber's first view: the current state, through the same filter as live events."""
         if record.terminal:
-            await self._terminal(record, self._take_subscribers(record.id, only=sid))
+            await self._terminal(record.id, record, self._take_subscribers(record.id, only=sid))
         else:
             await self._progress(record.id, {"job_id": record.id, "progress": record.progress,
                                              "status": record.status, "stage": record.stage}, only=sid)
@@ -279,7 +279,7 @@ class ProgressHub:
             if targets := self._take_subscribers(job_id):
                 # rendering may read the images back (from a thread, or an object store): meanwhile the events
                 # of every other job go on, rather than wait behind this one in the listener
-                task = asyncio.create_task(self._terminal(ended if ended is not None else job_id, targets))
+                task = asyncio.create_task(self._terminal(job_id, ended, targets))
                 self._endings.add(task)
                 task.add_done_callback(self._ending_done)
         elif event == EVENT_PROGRESS:
@@ -304,11 +304,11 @@ class ProgressHub:
             self.remove(sid, job_id)
         return list(targets.values())
 
-    async def _terminal(self, record: JobRecord | str, targets: list[_Subscriber]) -> None:
-        """The terminal event to `targets`, from `record` (or, given a job id, the record read back)."""
+    async def _terminal(self, job_id: str, record: JobRecord | None, targets: list[_Subscriber]) -> None:
+        """The terminal event to `targets`, from `record` (None: the record read back)."""
         if not targets:
             return
-        ended = record if isinstance(record, JobRecord) else await self.store.get(record)
+        ended = record or await self.store.get(job_id)
         if ended is None:
             return
         event, payload = await self.terminal_payload(ended)

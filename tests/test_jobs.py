@@ -210,7 +210,8 @@ async def test_a_terminal_event_held_up_holds_back_no_other_job(gateway_factory:
     render it (an object store's round trip, a thread for a large file). Held up there, it must not hold back
     the events of other jobs behind it in the front end's one Redis listener."""
     gw = await gateway_factory(config=keyed_config(), redis_url=redis_url)  # no worker: the test is the worker
-    storage, hub = gw.app[STORAGE], gw.app[HUB]
+    storage = gw.app[STORAGE]
+    assert gw.app[HUB].storage is storage  # the hub renders completed events through it
     reading, gate = asyncio.Event(), asyncio.Event()
     read = storage.get
 
@@ -219,7 +220,7 @@ async def test_a_terminal_event_held_up_holds_back_no_other_job(gateway_factory:
         await gate.wait()
         return await read(name)
 
-    monkeypatch.setattr(hub.storage, "get", held_read)
+    monkeypatch.setattr(storage, "get", held_read)
     manager = JobEventManager(gw.app[REDIS_FACTORY], write_only=True)  # another host: its events come via Redis
     dispatcher = gw.app[DISPATCHER]
     worker = Lifecycle(dispatcher.store, dispatcher.lifecycle.limiter, dispatcher.settlement,
