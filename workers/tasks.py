@@ -162,8 +162,10 @@ async def store_images(res: WorkerResources, record: JobRecord, routed: RoutedRe
         images.append(StoredImage(name=image_name(record.id, index, spec.output_format),
                                   revised_prompt=image.revised_prompt))
         held.append(data)
-    # side by side: large files are written from threads, and an object store takes parallel uploads
-    await asyncio.gather(*(res.storage.put(image.name, data) for image, data in zip(images, held, strict=True)))
+    # side by side: large files are written from threads, and an object store takes parallel uploads; a lone
+    # image needs no task for that
+    puts = [res.storage.put(image.name, data) for image, data in zip(images, held, strict=True)]
+    await (puts[0] if len(puts) == 1 else asyncio.gather(*puts))
     return HeldResult(
         created=int(time.time()),
         images=images,
