@@ -21,6 +21,8 @@ from bench.scenarios import QUEUE, Bench, Sizes
 from bench.servers import Stack
 from service.settings import Settings
 
+# the inline path's round trips with none of the gateway's work (bench/floor.py), beside the gateway's rows
+FLOOR = "floor: the inline path's round trips alone, Redis, "
 GROUPS = ("embedded", "latency", "stream", "edit", "queue", "rate", "throughput", "large", "slow", "progress")
 RESULTS = Path(__file__).resolve().parent / "results.json"
 STEAL_WARNING = 0.02
@@ -57,8 +59,11 @@ async def run(bench: Bench, groups: set[str]) -> None:
             await scenarios.drain(bench, front, redis, "worker-1")
         else:
             await stack.start_worker("worker-1", queue=QUEUE)
+        floor = await stack.start_floor() if groups & {"latency", "throughput"} else None
         if "latency" in groups:
             await scenarios.latency(bench, front, "bench-inline", "sync generate, inline, Redis, c=1", 1, 3)
+            assert floor is not None
+            await scenarios.measure_latency(bench, bench.floor_target(floor), [floor.pid], FLOOR + "c=1")
             queued = "sync generate, queued, Redis, 1 worker, c=1"
             await scenarios.latency(bench, front, "bench-queued", queued, 2, 5)
         if "stream" in groups:
@@ -75,9 +80,13 @@ async def run(bench: Bench, groups: set[str]) -> None:
             await scenarios.fixed_rate(bench, front, "bench-inline", "300 req/s, inline, Redis")
             await scenarios.fixed_rate(bench, front, "bench-queued", "300 req/s, queued, Redis, 1 worker")
         if "throughput" in groups:
-            await scenarios.throughput(bench, front, "bench-inline", "sync generate, inline, Redis, c=64",
+            await scenarios.throughput(bench, bench.gateway_target(front, "bench-inline"), bench.gateway_pids(front),
+                                       "sync generate, inline, Redis, c=64",
                                        Target.at_least(1000, "req/s") & Target.ratio_at_least(0.3))
-            await scenarios.throughput(bench, front, "bench-queued", "sync generate, queued, 1 worker, c=64")
+            assert floor is not None
+            await scenarios.throughput(bench, bench.floor_target(floor), [floor.pid], FLOOR + "c=64")
+            await scenarios.throughput(bench, bench.gateway_target(front, "bench-queued"), bench.gateway_pids(front),
+                                       "sync generate, queued, 1 worker, c=64")
         if "large" in groups:
             await scenarios.large(bench, front)
         if groups & {"slow", "throughput"}:
@@ -85,9 +94,10 @@ async def run(bench: Bench, groups: set[str]) -> None:
         if "slow" in groups:
             await scenarios.slow_jobs(bench, front, redis, 2 * slots)
         if "throughput" in groups:
-            await scenarios.throughput(bench, front, "bench-queued", "sync generate, queued, 2 workers, c=64")
+            await scenarios.throughput(bench, bench.gateway_target(front, "bench-queued"), bench.gateway_pids(front),
+                                       "sync generate, queued, 2 workers, c=64")
         await redis.aclose()
-        for service in [s for s in stack.services if s.name.startswith(("front", "worker"))]:
+        for service in [s for s in stack.services if s.name.startswith(("front", "worker", "floor"))]:
             await stack.stop(service)
 
     if "progress" in groups:

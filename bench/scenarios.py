@@ -92,6 +92,10 @@ class Bench:
                 "status": status,
                 "contains": '"b64_json"' if status == 200 else '"object":"image.job"'}
 
+    def floor_target(self, floor: Service) -> dict[str, Any]:
+        """The direct request, sent to `bench.floor` (which passes it on to the upstream)."""
+        return {**self.direct_target(), "url": floor.url + "/v1/images/generations"}
+
     def direct_target(self, **params: Any) -> dict[str, Any]:
         return {"url": self.stack.upstream_url + "/v1/images/generations",
                 "body": {"model": UPSTREAM_MODEL, "prompt": PROMPT, **params},
@@ -184,9 +188,15 @@ def latency_rows(scenario: str, gw: dict[str, Any], base: dict[str, Any], p50: T
 
 
 async def latency(bench: Bench, gateway: Service, model: str, scenario: str, p50: float, p99: float) -> None:
-    gw, base = await bench.latency_pair(bench.gateway_target(gateway, model), bench.direct_target(),
-                                        bench.gateway_pids(gateway))
-    bench.add(*latency_rows(scenario, gw, base, Target.adds_at_most(p50, "ms"), Target.adds_at_most(p99, "ms")))
+    await measure_latency(bench, bench.gateway_target(gateway, model), bench.gateway_pids(gateway), scenario,
+                          Target.adds_at_most(p50, "ms"), Target.adds_at_most(p99, "ms"))
+
+
+async def measure_latency(bench: Bench, target: dict[str, Any], pids: Sequence[int], scenario: str,
+                          p50: Target | None = None, p99: Target | None = None) -> None:
+    """`target` (the gateway, or the floor) at c=1 against the same request sent straight to the upstream."""
+    gw, base = await bench.latency_pair(target, bench.direct_target(), pids)
+    bench.add(*latency_rows(scenario, gw, base, p50, p99))
 
 
 async def edit(bench: Bench, gateway: Service, model: str, scenario: str) -> None:
@@ -240,13 +250,13 @@ async def fixed_rate(bench: Bench, gateway: Service, model: str, scenario: str, 
     )
 
 
-async def throughput(bench: Bench, gateway: Service, model: str, scenario: str, target: Target | None = None
-                     ) -> None:
-    gw, base = await bench.latency_pair(bench.gateway_target(gateway, model), bench.direct_target(),
-                                        bench.gateway_pids(gateway), concurrency=64,
+async def throughput(bench: Bench, target: dict[str, Any], pids: Sequence[int], scenario: str,
+                     goal: Target | None = None) -> None:
+    """`target` (the gateway, or the floor) at c=64 against the same request sent straight to the upstream."""
+    gw, base = await bench.latency_pair(target, bench.direct_target(), pids, concurrency=64,
                                         count=bench.sizes.throughput_requests, rounds=2)
     bench.add(row(scenario, "throughput", "req/s", len(gw["latencies"]) / gw["elapsed"],
-                  len(base["latencies"]) / base["elapsed"], target),
+                  len(base["latencies"]) / base["elapsed"], goal),
               cpu_row(scenario, gw, base))
 
 

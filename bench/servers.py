@@ -173,6 +173,16 @@ class Stack:
         self._write_config()
         return service
 
+    async def start_floor(self) -> Service:
+        """`bench.floor`: the inline path's round trips with none of the gateway's work, on the run's Redis."""
+        port, folder = free_port(), self.workdir / "floor"
+        folder.mkdir(exist_ok=True)
+        service = await self._spawn("floor", sys.executable, "-m", "bench.floor", str(port), self.upstream_url,
+                                    self.redis_url, str(folder))
+        await self._ready_line(service)
+        service.url = f"http://127.0.0.1:{port}"
+        return service
+
     async def start_load(self) -> LoadProcess:
         return LoadProcess(await self._spawn("load", sys.executable, "-m", "bench.load", stdin=True))
 

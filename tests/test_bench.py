@@ -9,6 +9,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import asdict, replace
 from pathlib import Path
 
+from redis.asyncio import Redis
+
 from bench import scenarios
 from bench.report import cpu_ticks, steal_share, write_results
 from bench.scenarios import Bench, Sizes
@@ -80,6 +82,32 @@ async def test_edit_scenario_sends_multipart_both_ways(tmp_path: Path) -> None:
     assert calls == {"edit": 10 + 10}  # every edit, the gateway's and the direct ones, reached the upstream
     assert [r.metric for r in bench.rows] == ["p50 latency", "p99 latency", "CPU per request"]
     assert all(r.value > 0 and r.target is None for r in bench.rows[:2])
+    assert not bench.notes
+
+
+async def test_floor_makes_the_inline_round_trips(tmp_path: Path) -> None:
+    """The floor's rows come from real round trips: its Redis scripts ran, the upstream was called, the image
+    was written, for every answer."""
+    stack = Stack(tmp_path)
+    try:
+        redis = Redis.from_url(await stack.start_redis())
+        await stack.start_upstream()
+        bench = Bench(stack, await stack.start_load(), replace(Sizes.for_mode(quick=True), rounds=1,
+                                                                latency_requests=5))
+        floor = await stack.start_floor()
+        await scenarios.measure_latency(bench, bench.floor_target(floor), [floor.pid], "smoke, floor")
+        calls = await bench.upstream_calls()
+        jobs = [key async for key in redis.scan_iter("bench:floor:????????????????????????????????")]
+        running = await redis.get("bench:floor:running")
+        await redis.aclose()
+    finally:
+        await stack.close()
+
+    assert calls["fast"] == 10 + 10  # warm-up and measured, each side
+    assert len(jobs) == 10 and running == b"0"  # each floor request admitted, then finished
+    assert len(list((tmp_path / "floor").glob("*.png"))) == 10
+    assert [r.metric for r in bench.rows] == ["p50 latency", "p99 latency", "CPU per request"]
+    assert all(r.value > 0 and r.baseline > 0 and r.target is None for r in bench.rows[:2])
     assert not bench.notes
 
 
