@@ -124,10 +124,16 @@ class Metrics:
                                  ["route", "method"], buckets=HTTP_SECONDS_BUCKETS, registry=self.registry)
         self.cluster = ClusterCollector()
         self.registry.register(self.cluster)
+        # each label set's series, found once: `labels()` checks and joins its labels on every call
+        self._series: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
 
     def observe(self, route: str, method: str, status: int, seconds: float) -> None:
-        self.requests.labels(route, method, str(status)).inc()
-        self.latency.labels(route, method).observe(seconds)
+        series = self._series.get((route, method, status))
+        if series is None:
+            series = self._series[route, method, status] = (self.requests.labels(route, method, str(status)),
+                                                            self.latency.labels(route, method))
+        series[0].inc()
+        series[1].observe(seconds)
 
     async def exposition(self, redis: ArqRedis, queue_name: str, subscribers: int) -> bytes:
         """The text format; without Redis only this front end's series, so a scrape still tells something."""

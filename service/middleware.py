@@ -58,12 +58,13 @@ async def observe_middleware(request: web.Request, handler: Handler) -> web.Stre
         resource = request.match_info.route.resource
         route = resource.canonical if resource is not None else "unmatched"
         request.app[METRICS].observe(route, request.method, status, elapsed)
-        caller = request.get(PRINCIPAL)
-        access_log.log(logging.DEBUG if request.path.startswith(PROBES) else logging.INFO, "%s %s %d",
-                       request.method, request.path, status,
-                       extra={"method": request.method, "path": request.path, "route": route, "status": status,
-                              "duration_ms": round(elapsed * 1000, 1),
-                              "key_id": caller.key_id if caller is not None else None})
+        level = logging.DEBUG if request.path.startswith(PROBES) else logging.INFO
+        if access_log.isEnabledFor(level):  # its fields are not gathered for nothing
+            caller = request.get(PRINCIPAL)
+            access_log.log(level, "%s %s %d", request.method, request.path, status,
+                           extra={"method": request.method, "path": request.path, "route": route, "status": status,
+                                  "duration_ms": round(elapsed * 1000, 1),
+                                  "key_id": caller.key_id if caller is not None else None})
 
 
 async def add_request_id(request: web.Request, response: web.StreamResponse) -> None:
