@@ -64,6 +64,7 @@ async def run(bench: Bench, groups: set[str]) -> None:
             await scenarios.latency(bench, front, "bench-inline", "sync generate, inline, Redis, c=1", 1, 3)
             assert floor is not None
             await scenarios.measure_latency(bench, bench.floor_target(floor), [floor.pid], FLOOR + "c=1")
+            await scenarios.instructions(bench, "sync generate, inline, Redis, c=1, front end against the floor")
             queued = "sync generate, queued, Redis, 1 worker, c=1"
             await scenarios.latency(bench, front, "bench-queued", queued, 2, 5)
         if "stream" in groups:

@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -56,16 +57,17 @@ class Sizes:
     subscribers: int
     fanout_events: int
     large_rounds: int
+    instruction_requests: int  # counted by callgrind, each request some fifty times slower than without it
 
     @classmethod
     def for_mode(cls, quick: bool) -> Sizes:
         if quick:
             return cls(rounds=3, latency_requests=100, edit_requests=30, rate_seconds=2, throughput_requests=600,
                        drain_jobs=2000, pickup_jobs=100, slow_jobs=200, progress_jobs=20, subscribers=200,
-                       fanout_events=500, large_rounds=1)
+                       fanout_events=500, large_rounds=1, instruction_requests=100)
         return cls(rounds=5, latency_requests=400, edit_requests=100, rate_seconds=10, throughput_requests=6000,
                    drain_jobs=10_000, pickup_jobs=300, slow_jobs=2000, progress_jobs=100, subscribers=1000,
-                   fanout_events=3000, large_rounds=3)
+                   fanout_events=3000, large_rounds=3, instruction_requests=300)
 
 
 @dataclass
@@ -197,6 +199,50 @@ async def measure_latency(bench: Bench, target: dict[str, Any], pids: Sequence[i
     """`target` (the gateway, or the floor) at c=1 against the same request sent straight to the upstream."""
     gw, base = await bench.latency_pair(target, bench.direct_target(), pids)
     bench.add(*latency_rows(scenario, gw, base, p50, p99))
+
+
+async def instructions(bench: Bench, scenario: str) -> None:
+    """The front end's own work per inline request as callgrind counts it, against the floor's: instructions
+    repeat within a fraction of a percent from run to run (and across machines of one architecture), where
+    times on a shared machine move by a fifth. Each side runs under valgrind, counting only while the measured
+    requests are sent; its answers are checked and its upstream calls counted like any other round's."""
+    if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
+        bench.notes.append(f"{scenario}: not measured, valgrind is not installed (apt-get install valgrind)")
+        return
+    counts = []
+    for side in ("gateway", "floor"):
+        out = bench.stack.workdir / f"callgrind-{side}.out"
+        wrapper = ("valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}")
+        if side == "gateway":
+            service = await bench.stack.start_gateway("callgrind-gateway", redis=True, wrapper=wrapper)
+            target = bench.gateway_target(service, "bench-inline")
+        else:
+            service = await bench.stack.start_floor("callgrind-floor", wrapper=wrapper)
+            target = bench.floor_target(service)
+        try:
+            await bench.closed(target, 1, bench.sizes.instruction_requests // 2)  # warm-up, not counted
+            before = await bench.upstream_calls()
+            await callgrind_control("--instr=on", service.pid)
+            result = await bench.closed(target, 1, bench.sizes.instruction_requests)
+            await callgrind_control("--instr=off", service.pid)
+            await callgrind_control("--dump", service.pid)
+            await bench.verify_upstream(before, len(result["latencies"]))
+        finally:
+            await bench.stack.stop(service)
+        # every dump holds what was counted since the one before: their sum is the measured requests' work
+        total = sum(int(line.split()[1]) for dump in out.parent.glob(out.name + "*")
+                    for line in dump.read_text().splitlines() if line.startswith("totals:"))
+        if not total:
+            raise RuntimeError(f"callgrind counted nothing; see {out}")
+        counts.append(total / len(result["latencies"]) / 1e6)
+    bench.add(row(scenario, "instructions per request", "millions", counts[0], counts[1], None))
+
+
+async def callgrind_control(option: str, pid: int) -> None:
+    process = await asyncio.create_subprocess_exec("callgrind_control", option, str(pid),
+                                                   stdout=asyncio.subprocess.DEVNULL)
+    if await process.wait() != 0:
+        raise RuntimeError(f"callgrind_control {option} {pid} failed")
 
 
 async def edit(bench: Bench, gateway: Service, model: str, scenario: str) -> None:

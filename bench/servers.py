@@ -13,6 +13,7 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -173,12 +174,13 @@ class Stack:
         self._write_config()
         return service
 
-    async def start_floor(self) -> Service:
-        """`bench.floor`: the inline path's round trips with none of the gateway's work, on the run's Redis."""
+    async def start_floor(self, name: str = "floor", wrapper: Sequence[str] = ()) -> Service:
+        """`bench.floor`: the inline path's round trips with none of the gateway's work, on the run's Redis; run
+        under `wrapper` when given."""
         port, folder = free_port(), self.workdir / "floor"
         folder.mkdir(exist_ok=True)
-        service = await self._spawn("floor", sys.executable, "-m", "bench.floor", str(port), self.upstream_url,
-                                    self.redis_url, str(folder))
+        service = await self._spawn(name, *wrapper, sys.executable, "-m", "bench.floor", str(port),
+                                    self.upstream_url, self.redis_url, str(folder))
         await self._ready_line(service)
         service.url = f"http://127.0.0.1:{port}"
         return service
@@ -202,12 +204,14 @@ class Stack:
             extra["IMAGEGW_REDIS_URL"] = self.redis_url
         return self._env(**extra)
 
-    async def start_gateway(self, name: str, *, redis: bool, queue: str = "bench:queue") -> Service:
-        """`imagegw serve`: embedded mode (`redis=False`) or the front end of Redis mode."""
+    async def start_gateway(self, name: str, *, redis: bool, queue: str = "bench:queue",
+                            wrapper: Sequence[str] = ()) -> Service:
+        """`imagegw serve`: embedded mode (`redis=False`) or the front end of Redis mode; run under `wrapper`
+        (a profiler's command line) when given."""
         port = free_port()
         env = self._gateway_env(name, redis, queue)
         env["IMAGEGW_PORT"] = str(port)
-        service = await self._spawn(name, sys.executable, "-m", "service.cli", "serve", env=env)
+        service = await self._spawn(name, *wrapper, sys.executable, "-m", "service.cli", "serve", env=env)
         service.url = f"http://127.0.0.1:{port}"
         await self._wait_http(service, service.url + "/healthz")
         return service

@@ -111,6 +111,27 @@ async def test_floor_makes_the_inline_round_trips(tmp_path: Path) -> None:
     assert not bench.notes
 
 
+async def test_instruction_counts_come_from_the_measured_requests(tmp_path: Path) -> None:
+    """callgrind counts the front end's and the floor's work while the measured requests run, each of which
+    reached the upstream."""
+    stack = Stack(tmp_path)
+    try:
+        await stack.start_redis()
+        await stack.start_upstream()
+        bench = Bench(stack, await stack.start_load(), replace(Sizes.for_mode(quick=True), instruction_requests=10))
+        await scenarios.instructions(bench, "smoke, instructions")
+        calls = await bench.upstream_calls()
+    finally:
+        await stack.close()
+
+    assert calls["fast"] == 2 * (5 + 10)  # warm-up and measured, each side
+    (counted,) = bench.rows
+    assert (counted.metric, counted.unit, counted.target) == ("instructions per request", "millions", None)
+    # the gateway does all the floor does and more; either does at least its HTTP and Redis work
+    assert counted.value > counted.baseline > 0.1 and counted.ratio == round(counted.value / counted.baseline, 3)
+    assert not bench.notes
+
+
 async def test_comfyui_progress_scenario_produces_complete_rows(tmp_path: Path) -> None:
     """Over a Unix socket to Redis (`--redis unix`): the gateway, its worker and the bench's own clients."""
     stack = Stack(tmp_path)
