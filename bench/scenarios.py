@@ -203,9 +203,10 @@ async def measure_latency(bench: Bench, target: dict[str, Any], pids: Sequence[i
 
 async def instructions(bench: Bench, scenario: str) -> None:
     """The front end's own work per inline request as callgrind counts it, against the floor's: instructions
-    repeat within a fraction of a percent from run to run (and across machines of one architecture), where
-    times on a shared machine move by a fifth. Each side runs under valgrind, counting only while the measured
-    requests are sent; its answers are checked and its upstream calls counted like any other round's."""
+    repeat within a fraction of a percent from run to run (and across machines with the same software and CPU
+    features: SIMD code paths are chosen by the CPU), where times on a shared machine move by a fifth. Each side
+    runs under valgrind, counting only while the measured requests are sent; its answers are checked and its
+    upstream calls counted like any other round's."""
     if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
         bench.notes.append(f"{scenario}: not measured, valgrind is not installed (apt-get install valgrind)")
         return
