@@ -81,13 +81,11 @@ async def run(bench: Bench, groups: set[str]) -> None:
             await scenarios.fixed_rate(bench, front, "bench-inline", "300 req/s, inline, Redis")
             await scenarios.fixed_rate(bench, front, "bench-queued", "300 req/s, queued, Redis, 1 worker")
         if "throughput" in groups:
-            await scenarios.throughput(bench, bench.gateway_target(front, "bench-inline"), bench.gateway_pids(front),
-                                       "sync generate, inline, Redis, c=64",
+            await scenarios.throughput(bench, front, "bench-inline", "sync generate, inline, Redis, c=64",
                                        Target.at_least(1000, "req/s") & Target.ratio_at_least(0.3))
             assert floor is not None
-            await scenarios.throughput(bench, bench.floor_target(floor), [floor.pid], FLOOR + "c=64")
-            await scenarios.throughput(bench, bench.gateway_target(front, "bench-queued"), bench.gateway_pids(front),
-                                       "sync generate, queued, 1 worker, c=64")
+            await scenarios.measure_throughput(bench, bench.floor_target(floor), [floor.pid], FLOOR + "c=64")
+            await scenarios.throughput(bench, front, "bench-queued", "sync generate, queued, 1 worker, c=64")
         if "large" in groups:
             await scenarios.large(bench, front)
         if groups & {"slow", "throughput"}:
@@ -95,8 +93,7 @@ async def run(bench: Bench, groups: set[str]) -> None:
         if "slow" in groups:
             await scenarios.slow_jobs(bench, front, redis, 2 * slots)
         if "throughput" in groups:
-            await scenarios.throughput(bench, bench.gateway_target(front, "bench-queued"), bench.gateway_pids(front),
-                                       "sync generate, queued, 2 workers, c=64")
+            await scenarios.throughput(bench, front, "bench-queued", "sync generate, queued, 2 workers, c=64")
         await redis.aclose()
         for service in [s for s in stack.services if s.name.startswith(("front", "worker", "floor"))]:
             await stack.stop(service)

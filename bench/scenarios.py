@@ -297,8 +297,14 @@ async def fixed_rate(bench: Bench, gateway: Service, model: str, scenario: str, 
     )
 
 
-async def throughput(bench: Bench, target: dict[str, Any], pids: Sequence[int], scenario: str,
-                     goal: Target | None = None) -> None:
+async def throughput(bench: Bench, gateway: Service, model: str, scenario: str, goal: Target | None = None
+                     ) -> None:
+    await measure_throughput(bench, bench.gateway_target(gateway, model), bench.gateway_pids(gateway), scenario,
+                             goal)
+
+
+async def measure_throughput(bench: Bench, target: dict[str, Any], pids: Sequence[int], scenario: str,
+                             goal: Target | None = None) -> None:
     """`target` (the gateway, or the floor) at c=64 against the same request sent straight to the upstream."""
     gw, base = await bench.latency_pair(target, bench.direct_target(), pids, concurrency=64,
                                         count=bench.sizes.throughput_requests, rounds=2)

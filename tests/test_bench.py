@@ -97,9 +97,9 @@ async def test_floor_makes_the_inline_round_trips(tmp_path: Path) -> None:
         floor = await stack.start_floor()
         await scenarios.measure_latency(bench, bench.floor_target(floor), [floor.pid], "smoke, floor")
         calls = await bench.upstream_calls()
-        jobs = [key async for key in redis.scan_iter("bench:floor:????????????????????????????????")]
-        running = await redis.get("bench:floor:running")
-        await redis.aclose()
+        async with redis:
+            jobs = [key async for key in redis.scan_iter("bench:floor:????????????????????????????????")]
+            running = await redis.get("bench:floor:running")
     finally:
         await stack.close()
 
